@@ -1,0 +1,90 @@
+"""Errors the gateway reports to clients, independent of HTTP plumbing.
+
+Each `ApiError` carries an HTTP status, a stable machine-readable `code` and a human message; the
+API renders every one of them as `{"error": {"code": ..., "message": ...}}`.
+
+| status | code(s) | when |
+| --- | --- | --- |
+| 400 | `bad_request` | a field is present but unusable (e.g. a malformed body) |
+| 404 | `not_found`, `support_set_not_found` | unknown path or support set |
+| 409 | `conflict` | the support set changed underneath a concurrent update (retry) |
+| 413 | `too_large`, `too_long`, `too_many_pixels`, `too_many_files` | upload over a limit |
+| 415 | `not_a_video`, `no_video_stream`, `corrupted`, `timeout`, ... | not a decodable video |
+| 422 | `validation_error`, `label_count_mismatch`, ... | missing or invalid fields |
+| 503 | `store_unavailable`, `backend_unavailable`, `not_ready` | Redis or the model is unreachable |
+| 500 | `internal_error` | a bug (logged with its traceback); never for bad input |
+"""
+from __future__ import annotations
+
+
+class ApiError(Exception):
+    """An error with an HTTP status, a stable code and a readable message."""
+
+    status: int = 400
+    code: str = "bad_request"
+
+    def __init__(self, message: str, *, code: str | None = None, status: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+
+    def to_dict(self) -> dict:
+        return {"error": {"code": self.code, "message": self.message}}
+
+
+class BadRequest(ApiError):
+    status, code = 400, "bad_request"
+
+
+class InvalidField(ApiError):
+    """A field failed validation (422)."""
+
+    status, code = 422, "validation_error"
+
+
+class NotFound(ApiError):
+    status, code = 404, "not_found"
+
+
+class SupportSetNotFound(NotFound):
+    code = "support_set_not_found"
+
+    def __init__(self, set_id: str) -> None:
+        super().__init__(f"Support set '{set_id}' does not exist (it may have expired or been deleted).")
+        self.set_id = set_id
+
+
+class Conflict(ApiError):
+    status, code = 409, "conflict"
+
+
+class PayloadTooLarge(ApiError):
+    status, code = 413, "too_large"
+
+
+class UnsupportedMedia(ApiError):
+    status, code = 415, "not_a_video"
+
+
+class ServiceUnavailable(ApiError):
+    status, code = 503, "unavailable"
+
+
+class StoreUnavailable(ServiceUnavailable):
+    """The store (Redis) cannot be reached; the request may be retried when it is back."""
+
+    code = "store_unavailable"
+
+
+class BackendUnavailable(ServiceUnavailable):
+    """The model backend (embedded model or Triton) is not loaded or not reachable."""
+
+    code = "backend_unavailable"
+
+
+def error_body(code: str, message: str) -> dict:
+    """The JSON body of every error response."""
+    return {"error": {"code": code, "message": message}}

@@ -1,0 +1,154 @@
+"""Gateway settings: one class, read from `FSAR_*` environment variables, overridable by CLI flags.
+
+Every field has a description; the README's settings table is generated from them
+(`settings_table()` gives the rows).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "FSAR_"
+_NONE_WORDS = {"", "none", "null", "random"}
+
+
+class Settings(BaseSettings):
+    """Everything the gateway can be told. Env var = `FSAR_` + field name in upper case."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", validate_default=True)
+
+    # ------------------------------------------------------------------ network
+    host: str = Field("127.0.0.1", description="Address the HTTP server binds to (0.0.0.0 for all interfaces).")
+    port: int = Field(8000, ge=0, le=65535, description="HTTP port.")
+    workers: int = Field(1, ge=1, description="Uvicorn worker processes; each loads its own backend and store pool.")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", description="Log level of the gateway and uvicorn.")
+
+    # ------------------------------------------------------------------ model
+    backbone: str = Field("ViT-B-16", description="open_clip model name (ViT-B-32, ViT-B-16, ViT-L-14, fsar-tiny).")
+    pretrained: str | None = Field(
+        "openai",
+        description="Backbone weights: an open_clip pretrained tag, a local weights file, or 'none' for random "
+                    "weights (demo/tests only). Offline without cached weights the server stops at start-up.")
+    checkpoint: str | None = Field(
+        None, description="Adapted checkpoint (from `fsar train`); overrides backbone/adapter/pretrained.")
+    adapter: str | None = Field(
+        None, description="Adapter type when no checkpoint is given (none | ted | ma | ted+ma); None = the model's default.")
+    metric: str | None = Field(
+        None, description="Temporal metric (otam | bimhm | mean | trx) when no checkpoint is given; None = the model's.")
+    num_frames: int | None = Field(
+        None, ge=1, le=64, description="Frames sampled per video; None = the model's (8 by default, or the checkpoint's).")
+    demo: bool = Field(False, description="Demo mode: the model card says 'demo model' (random tiny weights allowed).")
+
+    # ------------------------------------------------------------------ backend
+    backend: Literal["embedded", "triton"] = Field(
+        "embedded", description="Where the model runs: 'embedded' (in-process torch) or 'triton' (tritonclient gRPC).")
+    triton_url: str = Field("127.0.0.1:8001", description="Triton gRPC address (host:port) for backend=triton.")
+    triton_timeout_s: float = Field(30.0, gt=0, description="Timeout of one Triton request, in seconds.")
+    encode_concurrency: int = Field(
+        1, ge=1, description="Model calls running at once (embedded: threads of the encode pool).")
+
+    # ------------------------------------------------------------------ store
+    redis_url: str | None = Field(
+        None, description="Redis URL (redis://host:6379/0). None = in-process store (lost on restart, one worker only).")
+    redis_prefix: str = Field("fsar:", min_length=1, description="Prefix of every Redis key this gateway writes.")
+    support_set_ttl_s: int | None = Field(
+        None, gt=0, description="Default lifetime of a support set in seconds (per-request ttl_seconds overrides); "
+                                "None = forever.")
+    query_cache_ttl_s: int | None = Field(
+        3600, gt=0, description="Lifetime of cached query/text features in seconds; None = forever.")
+
+    # ------------------------------------------------------------------ uploads and decoding
+    max_upload_mb: float = Field(200.0, gt=0, description="Largest request body in MB (all files together); larger -> 413.")
+    max_files_per_request: int = Field(64, ge=1, description="Most video files in one request; more -> 413.")
+    max_video_seconds: float = Field(600.0, gt=0, description="Longest accepted video in seconds; longer -> 413.")
+    max_pixels: int = Field(4096 * 4096, gt=0, description="Most pixels per frame (width x height); more -> 413.")
+    decode_timeout_s: float = Field(30.0, gt=0, description="Time budget to decode one video, in seconds; over -> 415.")
+    decode_concurrency: int = Field(2, ge=1, description="Videos decoded at once (threads).")
+
+    # ------------------------------------------------------------------ classification
+    hybrid_text_weight: float = Field(
+        0.5, ge=0.0, le=1.0,
+        description="Hybrid mode weight w: p = w * p_zero_shot + (1 - w) * p_few_shot.")
+
+    @field_validator("pretrained", "checkpoint", "redis_url", "adapter", "metric", mode="before")
+    @classmethod
+    def _none_words(cls, value: Any) -> Any:
+        """Let environment variables and flags spell None ('none', 'null', '')."""
+        if isinstance(value, str) and value.strip().lower() in _NONE_WORDS:
+            return None
+        return value
+
+    @field_validator("support_set_ttl_s", "query_cache_ttl_s", "num_frames", mode="before")
+    @classmethod
+    def _none_numbers(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() in _NONE_WORDS | {"0", "forever"}:
+            return None
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_level(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> "Settings":
+        if self.workers > 1 and self.redis_url is None:
+            raise ValueError("workers > 1 needs a shared store: set redis_url (FSAR_REDIS_URL); "
+                             "each worker would otherwise hold its own support sets")
+        return self
+
+    # ------------------------------------------------------------------ helpers
+    @classmethod
+    def from_cli(cls, **overrides: Any) -> "Settings":
+        """Settings from the environment, with every override that is not None taking precedence.
+
+        The CLI passes its flags here (a flag left unset arrives as None and keeps the env/default value).
+        """
+        return cls(**{name: value for name, value in overrides.items() if value is not None})
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def uses_redis(self) -> bool:
+        return self.redis_url is not None
+
+    @property
+    def log_level_number(self) -> int:
+        return getattr(logging, self.log_level.upper())
+
+    def redacted(self) -> dict[str, Any]:
+        """Settings as a dict with any password in the Redis URL masked (for logs and /model)."""
+        values = self.model_dump()
+        url = values.get("redis_url")
+        if url and "@" in url:
+            scheme, _, rest = url.partition("://")
+            values["redis_url"] = f"{scheme}://***@{rest.split('@', 1)[1]}"
+        return values
+
+
+def settings_table() -> list[dict[str, str]]:
+    """Rows for the README settings table: name, env var, default, description."""
+    rows = []
+    for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        rows.append({
+            "name": name,
+            "env": f"{ENV_PREFIX}{name.upper()}",
+            "default": "None" if default is None else str(default),
+            "description": field.description or "",
+        })
+    return rows
+
+
+def settings_table_markdown() -> str:
+    """The settings table as Markdown (`| name | env var | default | description |`)."""
+    lines = ["| setting | env var | default | description |", "| --- | --- | --- | --- |"]
+    for row in settings_table():
+        lines.append(f"| `{row['name']}` | `{row['env']}` | `{row['default']}` | {row['description']} |")
+    return "\n".join(lines)

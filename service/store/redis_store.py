@@ -1,0 +1,142 @@
+"""Redis store (`redis.asyncio`): one connection pool per process, created in the app's lifespan.
+
+Every key is `prefix + relative key`. Arrays are stored as one string value (header + raw bytes,
+see `service.store.base.encode_array`); TTLs use `SET key value EX seconds`. `write_batch` runs
+in a MULTI/EXEC transaction (with WATCH on the guarded key when a guard is given), so readers
+never see a manifest without the features it lists. Any connection or server error becomes
+`StoreUnavailable`; the pool reconnects by itself once Redis is back.
+"""
+from __future__ import annotations
+
+import re
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+from urllib.parse import urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError, WatchError
+
+from service.errors import StoreUnavailable
+from service.store.base import Batch, Store, StoreConflict, guard_matches, ttl_seconds
+
+_GLOB_SPECIAL = re.compile(r"([*?\[\]\\])")
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password (if any) replaced by ***."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+class RedisStore(Store):
+    """Store backed by a Redis server. `close()` must be awaited (the lifespan does it)."""
+
+    kind = "redis"
+
+    def __init__(self, url: str, prefix: str = "fsar:", *, socket_timeout_s: float = 5.0,
+                 connect_timeout_s: float = 2.0, max_connections: int = 32) -> None:
+        if not prefix:
+            raise ValueError("a Redis key prefix is required (e.g. 'fsar:')")
+        self.url = url
+        self.prefix = prefix
+        self._glob_prefix = _GLOB_SPECIAL.sub(r"\\\1", prefix)
+        self._client = aioredis.Redis.from_url(
+            url,
+            socket_timeout=socket_timeout_s,
+            socket_connect_timeout=connect_timeout_s,
+            max_connections=max_connections,
+            # One quick retry, then report the outage: a request should fail fast with 503.
+            retry=Retry(NoBackoff(), 1),
+            health_check_interval=15,
+        )
+
+    def _k(self, key: str) -> str:
+        return self.prefix + key
+
+    @asynccontextmanager
+    async def _guard_errors(self, what: str) -> AsyncIterator[None]:
+        try:
+            yield
+        except WatchError:
+            raise
+        except RedisError as err:
+            raise StoreUnavailable(
+                f"Redis at {redact_url(self.url)} is unavailable ({what}: {type(err).__name__}: {err}); "
+                "retry when it is back.") from err
+        except OSError as err:
+            raise StoreUnavailable(
+                f"Redis at {redact_url(self.url)} is unreachable ({what}: {err}); retry when it is back.") from err
+
+    async def get_bytes(self, key: str) -> bytes | None:
+        async with self._guard_errors("GET"):
+            return await self._client.get(self._k(key))
+
+    async def get_many_bytes(self, keys: list[str]) -> list[bytes | None]:
+        if not keys:
+            return []
+        async with self._guard_errors("MGET"):
+            return list(await self._client.mget([self._k(key) for key in keys]))
+
+    async def set_bytes(self, key: str, value: bytes, ttl_s: float | None = None) -> None:
+        seconds = ttl_seconds(ttl_s)
+        async with self._guard_errors("SET"):
+            await self._client.set(self._k(key), value, ex=seconds)
+
+    async def write_batch(self, batch: Batch, ttl_s: float | None = None, *,
+                          guard: tuple[str, int | None] | None = None) -> None:
+        seconds = ttl_seconds(ttl_s)
+        async with self._guard_errors("MULTI/EXEC"):
+            async with self._client.pipeline(transaction=True) as pipe:
+                try:
+                    if guard is not None:
+                        guard_key = self._k(guard[0])
+                        await pipe.watch(guard_key)
+                        current = await pipe.get(guard_key)
+                        if not guard_matches(current, guard[1]):
+                            raise StoreConflict(f"'{guard[0]}' changed during the update; retry the request.")
+                        pipe.multi()
+                    for key, value in batch.values.items():
+                        pipe.set(self._k(key), value, ex=seconds)
+                    await pipe.execute()
+                except WatchError as err:
+                    raise StoreConflict(f"'{guard[0] if guard else '?'}' changed during the update; "
+                                        "retry the request.") from err
+
+    async def delete(self, keys: list[str]) -> int:
+        if not keys:
+            return 0
+        async with self._guard_errors("DEL"):
+            return int(await self._client.delete(*[self._k(key) for key in keys]))
+
+    async def keys(self, pattern: str) -> list[str]:
+        found: list[str] = []
+        async with self._guard_errors("SCAN"):
+            async for raw in self._client.scan_iter(match=self._glob_prefix + pattern, count=500):
+                name = raw.decode() if isinstance(raw, bytes) else raw
+                found.append(name[len(self.prefix):])
+        return found
+
+    async def ttl(self, key: str) -> float | None:
+        async with self._guard_errors("PTTL"):
+            millis = await self._client.pttl(self._k(key))
+        return None if millis < 0 else millis / 1000.0
+
+    async def exists(self, key: str) -> bool:
+        async with self._guard_errors("EXISTS"):
+            return bool(await self._client.exists(self._k(key)))
+
+    async def ping(self) -> None:
+        async with self._guard_errors("PING"):
+            await self._client.ping()
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "url": redact_url(self.url), "prefix": self.prefix}
