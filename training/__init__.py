@@ -1,0 +1,1 @@
+"""Training package: the model (``training.model``), metrics, losses, data, loops and export."""
