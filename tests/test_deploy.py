@@ -573,6 +573,36 @@ def test_every_copied_path_exists_and_is_in_the_context() -> None:
                 assert not dockerignore_excludes(source.rstrip("/")), f"{dockerfile.name}: {source} ignored"
 
 
+@pytest.mark.slow
+def test_gateway_build_steps_install_no_torch(tmp_path: Path) -> None:
+    """The gateway builder's install, run for real: the build context as .dockerignore leaves it,
+    a fresh venv, `pip install -c constraints.txt ".[EXTRAS]"` (needs a package index, ~30 s)."""
+    context = tmp_path / "context"
+    for path in ROOT.rglob("*"):
+        relative = path.relative_to(ROOT).as_posix()
+        if relative.split("/")[0] in (".git", ".venv") or not path.is_file():
+            continue
+        if not dockerignore_excludes(relative):
+            (context / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, context / relative)
+    _, stages = dockerfile_stages(GATEWAY_DOCKERFILE)
+    extras = stage_args(stages[0])["EXTRAS"]
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    install = subprocess.run(
+        [str(venv / "bin" / "pip"), "install", "--no-cache-dir", "-c", "constraints.txt", f".[{extras}]"],
+        cwd=context, capture_output=True, text=True, timeout=900)
+    assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
+    listing = subprocess.run([str(venv / "bin" / "pip"), "list", "--format", "json"],
+                             capture_output=True, text=True, check=True, timeout=120)
+    installed = {re.sub(r"[-_.]+", "-", d["name"]).lower() for d in json.loads(listing.stdout)}
+    assert {"fsar", "fastapi", "tritonclient", "av"} <= installed
+    assert installed & TORCH_PACKAGES == set(), "the default gateway image would contain torch"
+    assert not [name for name in installed if name.startswith("nvidia-")], "CUDA libraries in the gateway"
+    cli = subprocess.run([str(venv / "bin" / "fsar"), "--help"], capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 0, cli.stderr
+
+
 # =========================================================================== docs
 def test_deploy_doc_matches_the_files() -> None:
     doc = DEPLOY_DOC.read_text()
