@@ -16,7 +16,8 @@ static distractor shapes), so a class is defined by its motion alone.
 Layout written (the one ``training.data.load_dataset`` reads)::
 
     OUT/videos/<class_name>/<video_id>.mp4     H.264, yuv420p, SIZE x SIZE, FRAMES frames
-    OUT/splits/{train,val,test}.txt            "class_name/video_id" lines, classes disjoint
+    OUT/splits/{train,val,test}.txt            "class_name/video_id" lines, classes disjoint (no val.txt
+                                               when too few classes are asked for to have a val split)
     OUT/labels.json                            {"moving_right": "moving right", ...}
     OUT/synth.json                             the generation settings and summary
 """
@@ -40,6 +41,7 @@ __all__ = [
     "MOTION_CLASSES",
     "SyntheticDatasetError",
     "render_clip",
+    "write_mp4",
     "write_synthetic_dataset",
     "split_synthetic_classes",
 ]
@@ -591,9 +593,9 @@ def split_synthetic_classes(classes: int | None = None) -> dict[str, list[Motion
     return {"train": train_pool[:n_train], "val": by_split["val"][:n_val], "test": by_split["test"][:n_test]}
 
 
-def _encode_mp4(path: Path, clip: np.ndarray, fps: int = FPS) -> None:
-    """Write frames uint8 [T, S, S, 3] as an H.264 mp4 (yuv420p, single-threaded so the bytes are
-    deterministic)."""
+def write_mp4(path: str | Path, clip: np.ndarray, fps: int = FPS) -> None:
+    """Write RGB frames uint8 [T, H, W, 3] (H, W even) as an H.264 mp4: yuv420p, CRF 18, encoded on
+    one thread so the bytes are deterministic."""
     with av.open(str(path), "w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height = clip.shape[2], clip.shape[1]
@@ -661,9 +663,11 @@ def write_synthetic_dataset(out: str | Path, classes: int | None = None, videos_
     jobs = [(motion, i) for motion in chosen for i in range(videos_per_class)]
     for motion, i in tqdm(jobs, desc="synth videos", unit="video", disable=not progress):
         clip = render_clip(motion.name, frames, size, np.random.SeedSequence([seed, motion.uid, i]))
-        _encode_mp4(out / "videos" / motion.name / f"{video_ids[i]}.mp4", clip)
+        write_mp4(out / "videos" / motion.name / f"{video_ids[i]}.mp4", clip)
     (out / "splits").mkdir(exist_ok=True)
     for split, members in splits.items():
+        if not members:
+            continue  # no val split with few classes: no file rather than an empty one
         lines = [f"{m.name}/{vid}" for m in members for vid in video_ids]
         (out / "splits" / f"{split}.txt").write_text("".join(line + "\n" for line in lines))
     (out / "labels.json").write_text(json.dumps({m.name: m.label for m in chosen}, indent=2) + "\n")
