@@ -121,12 +121,14 @@ def test_csv_layout_mixes_videos_and_frame_folders(synth, tmp_path):
     assert len(train) == 3 and train.labels == [0, 0, 1]
     assert [train[i][0].shape for i in range(3)] == [(2, 16, 16, 3)] * 3
     assert len(load_dataset(csv_path, "test", num_frames=2, size=16)) == 2
+    assert [p for p in check_dataset(csv_path) if "share 2 classes" in p and "few-shot splits need disjoint" in p]
 
     no_split = tmp_path / "nosplit.csv"
     no_split.write_text("r0.mp4,moving_right\nframes/a,static_gray\n")
     assert len(load_dataset(no_split, None, num_frames=2, size=16)) == 2
     with pytest.raises(DatasetError, match="no split column"):
         load_dataset(no_split, "train")
+    assert any("no split column" in p for p in check_dataset(no_split))
 
 
 def test_bad_layouts_raise_readable_errors(synth, tmp_path):
