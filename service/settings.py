@@ -36,11 +36,15 @@ class Settings(BaseSettings):
     checkpoint: str | None = Field(
         None, description="Adapted checkpoint (from `fsar train`); overrides backbone/adapter/pretrained.")
     adapter: str | None = Field(
-        None, description="Adapter type when no checkpoint is given (none | ted | ma | ted+ma); None = the model's default.")
+        None, description="Adapter type when no checkpoint is given (none | ted | ma | ted+ma); "
+                          "unset = the model's default (ted).")
     metric: str | None = Field(
         None, description="Temporal metric (otam | bimhm | mean | trx) when no checkpoint is given; None = the model's.")
     num_frames: int | None = Field(
         None, ge=1, le=64, description="Frames sampled per video; None = the model's (8 by default, or the checkpoint's).")
+    seed: int = Field(
+        0, description="Seed of the initial weights of a model built without a checkpoint (adapters, heads, and "
+                       "the backbone when pretrained=none), so replicas and restarts share one fingerprint.")
     demo: bool = Field(False, description="Demo mode: the model card says 'demo model' (random tiny weights allowed).")
 
     # ------------------------------------------------------------------ backend
@@ -74,7 +78,7 @@ class Settings(BaseSettings):
         0.5, ge=0.0, le=1.0,
         description="Hybrid mode weight w: p = w * p_zero_shot + (1 - w) * p_few_shot.")
 
-    @field_validator("pretrained", "checkpoint", "redis_url", "adapter", "metric", mode="before")
+    @field_validator("pretrained", "checkpoint", "redis_url", "metric", mode="before")
     @classmethod
     def _none_words(cls, value: Any) -> Any:
         """Let environment variables and flags spell None ('none', 'null', '')."""

@@ -1,0 +1,114 @@
+"""The FastAPI app factory: `create_app(settings)`.
+
+The lifespan creates the store (one Redis pool) and the backend (loads the model; a failure stops
+the server at start-up), wires them into an `FsarService` and closes everything on shutdown.
+Every error leaves as `{"error": {"code": ..., "message": ...}}` (see `service/errors.py`).
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.api import routes_classify, routes_ops, routes_support_sets
+from service.backends import create_backend
+from service.core import FsarService
+from service.errors import ApiError, error_body
+from service.limits import BodySizeLimitMiddleware
+from service.metrics import Metrics, RequestMetricsMiddleware
+from service.settings import Settings
+from service.store import create_store
+
+log = logging.getLogger("service.api")
+
+_HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 406: "not_acceptable",
+               409: "conflict", 413: "too_large", 415: "unsupported_media_type", 422: "validation_error",
+               429: "rate_limited", 503: "unavailable"}
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """A gateway app for `settings` (default: from the environment). Nothing is loaded until the
+    lifespan starts (uvicorn does it; tests use `app.router.lifespan_context(app)`)."""
+    settings = settings or Settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store = create_store(settings)
+        backend = create_backend(settings)
+        try:
+            await backend.start()
+        except BaseException:
+            await store.close()
+            raise
+        service = FsarService(settings, store, backend, metrics)
+        app.state.service = service
+        card = service.model_card()
+        log.info("serving %s (fingerprint %s) with the %s backend; store: %s", card["description"],
+                 str(card["fingerprint"])[:16], settings.backend, card["store"])
+        try:
+            yield
+        finally:
+            app.state.service = None
+            await service.close()
+            await backend.close()
+            await store.close()
+
+    app = FastAPI(
+        title="fsar gateway",
+        summary="Few-shot and zero-shot video action recognition.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.service = None
+    app.include_router(routes_support_sets.router)
+    app.include_router(routes_classify.router)
+    app.include_router(routes_ops.router)
+    install_error_handlers(app)
+    # Outermost last: metrics see every response, including 413s from the body limit.
+    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_upload_bytes)
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    return app
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Render every error as `{"error": {"code", "message"}}` with the right status."""
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        if exc.status >= 500:
+            log.warning("%s %s -> %d %s: %s", request.method, request.url.path, exc.status, exc.code, exc.message)
+        return JSONResponse(exc.to_dict(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        kinds = set()
+        for error in exc.errors():
+            location = ".".join(str(part) for part in error.get("loc", ()) if part not in ("body", "query", "path"))
+            kinds.add(error.get("type"))
+            problems.append(f"{location or 'request'}: {error.get('msg', 'invalid')}")
+        code = "missing_field" if kinds == {"missing"} else "validation_error"
+        return JSONResponse(error_body(code, "; ".join(problems) or "Invalid request."), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = getattr(exc, "code", None) or _HTTP_CODES.get(exc.status_code, "http_error")
+        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 404 and message == "Not Found":
+            message = f"No such endpoint: {request.method} {request.url.path}"
+        return JSONResponse(error_body(code, message), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error in %s %s", request.method, request.url.path)
+        return JSONResponse(error_body("internal_error", "Internal server error; it has been logged."),
+                            status_code=500)

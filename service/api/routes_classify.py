@@ -1,0 +1,28 @@
+"""`POST /classify`: few-shot, zero-shot or hybrid classification of one video."""
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, File, Form, UploadFile
+
+from service.api.deps import get_service, read_upload
+from service.api.schemas import ClassifyResponse, ErrorResponse
+from service.core import FsarService
+
+router = APIRouter(tags=["classify"])
+
+_ERRORS = {status: {"model": ErrorResponse} for status in (404, 409, 413, 415, 422, 503)}
+
+
+@router.post("/classify", response_model=ClassifyResponse, responses=_ERRORS, summary="Classify a video")
+async def classify(
+    video: Annotated[UploadFile, File(description="The query video.")],
+    service: Annotated[FsarService, Depends(get_service)],
+    support_set_id: Annotated[str | None, Form(description="Few-shot: match against this set.")] = None,
+    labels: Annotated[list[str] | None, Form(description="Zero-shot labels (repeat the field); "
+                                                         "with support_set_id: hybrid.")] = None,
+    top_k: Annotated[int | None, Form(ge=1, description="Return only the k best labels.")] = None,
+) -> dict:
+    """Scores are probabilities that sum to 1 over all candidate labels (see `FsarService.classify`)."""
+    upload = await read_upload(video)
+    return await service.classify(upload, support_set_id=support_set_id, labels=labels, top_k=top_k)

@@ -1,0 +1,47 @@
+"""Operations: `/healthz`, `/readyz`, `/metrics`, `/model`."""
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+
+from service.api.deps import get_service
+from service.api.schemas import ErrorResponse, Health, ModelCard, Readiness
+from service.core import FsarService
+from service.errors import error_body
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz", response_model=Health, summary="The process is alive")
+async def healthz() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", response_model=Readiness, responses={503: {"model": ErrorResponse}},
+            summary="Backend and store are reachable")
+async def readyz(request: Request) -> Response:
+    service: FsarService | None = getattr(request.app.state, "service", None)
+    if service is None:
+        checks = {"backend": "starting", "store": "starting"}
+    else:
+        checks = await service.readiness()
+    if all(value == "ok" for value in checks.values()):
+        return JSONResponse({"status": "ready", "checks": checks})
+    failing = "; ".join(f"{name}: {value}" for name, value in checks.items() if value != "ok")
+    body = error_body("not_ready", f"Not ready: {failing}")
+    body.update({"status": "not_ready", "checks": checks})
+    return JSONResponse(body, status_code=503)
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def metrics(request: Request) -> Response:
+    registry = request.app.state.metrics
+    return Response(registry.render(), media_type=registry.content_type)
+
+
+@router.get("/model", response_model=ModelCard, responses={503: {"model": ErrorResponse}},
+            summary="The model being served")
+async def model(service: Annotated[FsarService, Depends(get_service)]) -> dict:
+    return service.model_card()

@@ -1,0 +1,59 @@
+"""`/support-sets`: register, list, read, delete support sets and add videos to them."""
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, File, Form, Response, UploadFile
+
+from service.api.deps import get_service, read_upload
+from service.api.schemas import ErrorResponse, SupportSet, SupportSetList
+from service.core import FsarService
+
+router = APIRouter(prefix="/support-sets", tags=["support sets"])
+
+_ERRORS = {status: {"model": ErrorResponse} for status in (404, 409, 413, 415, 422, 503)}
+
+Service = Annotated[FsarService, Depends(get_service)]
+Videos = Annotated[list[UploadFile], File(description="Video files (repeat the field), one per label.")]
+Labels = Annotated[list[str], Form(description="One label per video, same order (repeat the field).")]
+
+
+@router.post("", status_code=201, response_model=SupportSet, responses=_ERRORS,
+             summary="Register a support set")
+async def create_support_set(
+    videos: Videos,
+    labels: Labels,
+    service: Service,
+    name: Annotated[str | None, Form(max_length=200, description="A name for humans.")] = None,
+    metric: Annotated[str | None, Form(description="Temporal metric; default: the model's.")] = None,
+    ttl_seconds: Annotated[int | None, Form(gt=0, description="Lifetime in seconds; default: the "
+                                                              "server's support_set_ttl_s.")] = None,
+) -> dict:
+    """Decode and encode every video with its label, build the class prototypes and store the set."""
+    uploads = [await read_upload(video) for video in videos]
+    return await service.create_support_set(uploads, labels, name=name, metric=metric, ttl_seconds=ttl_seconds)
+
+
+@router.get("", response_model=SupportSetList, responses=_ERRORS, summary="List support sets")
+async def list_support_sets(service: Service) -> dict:
+    sets = await service.list_support_sets()
+    return {"support_sets": sets, "count": len(sets)}
+
+
+@router.get("/{set_id}", response_model=SupportSet, responses=_ERRORS, summary="Describe a support set")
+async def get_support_set(set_id: str, service: Service) -> dict:
+    return await service.get_support_set(set_id)
+
+
+@router.delete("/{set_id}", status_code=204, responses=_ERRORS, summary="Delete a support set")
+async def delete_support_set(set_id: str, service: Service) -> Response:
+    await service.delete_support_set(set_id)
+    return Response(status_code=204)
+
+
+@router.post("/{set_id}/videos", response_model=SupportSet, responses=_ERRORS,
+             summary="Add shots or classes to a support set")
+async def add_videos(set_id: str, videos: Videos, labels: Labels, service: Service) -> dict:
+    """Add videos (new shots of existing classes, or new classes); the prototypes are rebuilt."""
+    uploads = [await read_upload(video) for video in videos]
+    return await service.add_videos(set_id, uploads, labels)

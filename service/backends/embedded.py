@@ -1,0 +1,178 @@
+"""Embedded backend: the fsar model in this process (torch, CPU or GPU).
+
+Model calls run in a bounded thread pool (`encode_concurrency` threads) under
+`torch.inference_mode()`, so the event loop never blocks on the model. This is the only gateway
+module that imports torch.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, TypeVar
+
+import numpy as np
+import torch
+
+from service.backends.base import Backend
+from service.errors import BackendUnavailable
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class EmbeddedBackend(Backend):
+    """Runs `training.model` in-process. Model: `settings.checkpoint` if given, else built from
+    `backbone` / `pretrained` (+ `adapter`, `metric`, `num_frames` when set)."""
+
+    name = "embedded"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.model: Any = None
+        self.meta: dict[str, Any] = {}
+        self._info: dict[str, Any] | None = None
+        self._pool = ThreadPoolExecutor(max_workers=settings.encode_concurrency, thread_name_prefix="fsar-model")
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.float_dtype = torch.float32
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        if self.device.type == "cpu":
+            # Share the cores between concurrent model calls instead of oversubscribing them.
+            threads = max(1, (os.cpu_count() or 1) // self.settings.encode_concurrency)
+            torch.set_num_threads(threads)
+        loop = asyncio.get_running_loop()
+        self.model, self.meta = await loop.run_in_executor(self._pool, self._load)
+        self.float_dtype = next(self.model.parameters()).dtype
+        self._info = self._describe()
+        log.info("embedded backend: %s on %s, %s trainable parameters, fingerprint %s",
+                 self._info["backbone"], self.device, self._info["trainable_params"],
+                 self._info["fingerprint"][:16])
+
+    def _load(self) -> tuple[Any, dict[str, Any]]:
+        """Build or load the model (runs in the pool; raises the model code's one-sentence errors)."""
+        settings = self.settings
+        if settings.checkpoint:
+            from training.checkpoint import load_checkpoint
+
+            model, meta = load_checkpoint(settings.checkpoint)
+            ignored = [name for name in ("adapter", "metric", "num_frames") if getattr(settings, name) is not None]
+            if ignored:
+                log.warning("checkpoint given: ignoring %s (the checkpoint's config decides)", ", ".join(ignored))
+        else:
+            from training.model import ModelConfig, build_model
+
+            overrides = {name: getattr(settings, name) for name in ("adapter", "metric", "num_frames")
+                         if getattr(settings, name) is not None}
+            config = ModelConfig(backbone=settings.backbone, pretrained=settings.pretrained, **overrides)
+            # A fixed seed makes the initial adapter/head weights (and random backbone weights) the same
+            # in every replica and after restarts, so they share one fingerprint and its caches.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(settings.seed)
+                model, meta = build_model(config), {}
+        model = model.to(self.device).eval()
+        return model, dict(meta)
+
+    async def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self.model = None
+
+    async def ready(self) -> bool:
+        return self.model is not None
+
+    # ------------------------------------------------------------------ facts
+    def _describe(self) -> dict[str, Any]:
+        card = self.model.describe()  # backbone, weights, adapter, metric, sizes, counts, fingerprint
+        config = self.model.config
+        return {
+            "backend": self.name,
+            "backbone": card["backbone"],
+            "pretrained": card["pretrained"],
+            "weights_source": card["weights_source"],
+            "backbone_hash": card["backbone_hash"],
+            "adapter": card["adapter"],
+            "tpcm": card["tpcm"],
+            "metric": card["metric"],
+            "metrics": [card["metric"]],  # the metric module is part of the (trained) model
+            "checkpoint": self.settings.checkpoint,
+            "checkpoint_hash": self.meta.get("checkpoint_hash"),
+            "trainable_params": int(card["trainable_parameters"]),
+            "total_params": int(card["total_parameters"]),
+            "fingerprint": card["fingerprint"],
+            "input_size": int(card["image_size"][0]),
+            "num_frames": int(card["num_frames"]),
+            "embed_dim": int(card["embed_dim"]),
+            "prompt": config.prompt,
+            "alpha": config.alpha,
+            "device": str(self.device),
+            "demo": bool(self.settings.demo),
+            "config": config.to_dict(),
+        }
+
+    def info(self) -> dict[str, Any]:
+        if self._info is None:
+            raise BackendUnavailable("The embedded model is not loaded yet.")
+        return self._info
+
+    # ------------------------------------------------------------------ model calls
+    async def _run(self, fn: Callable[[], T]) -> T:
+        if self.model is None:
+            raise BackendUnavailable("The embedded model is not loaded.")
+        loop = asyncio.get_running_loop()
+
+        def call() -> T:
+            with torch.inference_mode():
+                return fn()
+
+        return await loop.run_in_executor(self._pool, call)
+
+    def _tensor(self, array: np.ndarray, dtype: torch.dtype | None = None) -> torch.Tensor:
+        tensor = torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+        return tensor if dtype is None else tensor.to(dtype)
+
+    @staticmethod
+    def _numpy(tensor: torch.Tensor) -> np.ndarray:
+        return tensor.detach().float().cpu().numpy()
+
+    async def encode_videos(self, frames: np.ndarray, text_feats: np.ndarray | None = None) -> np.ndarray:
+        """uint8 `[B, T, H, W, 3]` (+ float32 `[B, D]` support texts) -> float32 `[B, T, D]`."""
+        if frames.dtype != np.uint8 or frames.ndim != 5:
+            raise ValueError(f"frames must be uint8 [B, T, H, W, 3], got {frames.dtype} {frames.shape}")
+
+        def run() -> np.ndarray:
+            texts = None if text_feats is None else self._tensor(text_feats, self.float_dtype)
+            return self._numpy(self.model.encode_video(self._tensor(frames), texts=texts))
+
+        return await self._run(run)
+
+    async def encode_texts(self, labels: list[str]) -> np.ndarray:
+        """N labels -> float32 `[N, D]` (prompt template applied by the model)."""
+        return await self._run(lambda: self._numpy(self.model.encode_text(list(labels))))
+
+    async def build_prototypes(self, support_feats: np.ndarray, support_labels: np.ndarray,
+                               text_feats: np.ndarray) -> np.ndarray:
+        """`[S, T, D]`, int `[S]`, `[N, D]` -> float32 `[N, T, D]`."""
+        return await self._run(lambda: self._numpy(self.model.build_prototypes(
+            self._tensor(support_feats, self.float_dtype), self._tensor(support_labels.astype(np.int64)),
+            self._tensor(text_feats, self.float_dtype))))
+
+    async def classify(self, query_feats: np.ndarray, prototypes: np.ndarray,
+                       text_feats: np.ndarray | None = None, metric: str | None = None) -> np.ndarray:
+        """`[Q, T, D]`, `[N, T, D]` (+ `[N, D]`) -> logits `[Q, N]`."""
+        if metric is not None and metric != self.model.config.metric:
+            raise ValueError(f"metric {metric!r} is not available; this model uses {self.model.config.metric!r}")
+
+        def run() -> np.ndarray:
+            texts = None if text_feats is None else self._tensor(text_feats, self.float_dtype)
+            return self._numpy(self.model.classify(self._tensor(query_feats, self.float_dtype),
+                                                   self._tensor(prototypes, self.float_dtype), texts))
+
+        return await self._run(run)
+
+    async def zero_shot(self, query_feats: np.ndarray, text_feats: np.ndarray) -> np.ndarray:
+        """`[Q, T, D]`, `[N, D]` -> logits `[Q, N]`."""
+        return await self._run(lambda: self._numpy(self.model.zero_shot(
+            self._tensor(query_feats, self.float_dtype), self._tensor(text_feats, self.float_dtype))))

@@ -1,0 +1,101 @@
+"""Prometheus metrics of one gateway app (one registry per app, so several apps can live in a process).
+
+Exposed at `GET /metrics`:
+- `fsar_http_requests_total{method, route, status}` and `fsar_http_request_duration_seconds{method, route}`
+  (route = the templated path, e.g. `/support-sets/{set_id}`; unmatched paths count as `<unmatched>`);
+- `fsar_stage_duration_seconds{stage}`: decode, encode, match, store;
+- `fsar_cache_requests_total{cache, result}`: cache = query | text | support | prototypes, result = hit | miss;
+- `fsar_backend_calls_total{op}`: one per backend call (encode_videos, encode_texts, build_prototypes,
+  classify, zero_shot);
+- `fsar_videos_encoded_total{branch}`: videos the backend encoded (branch = support | query).
+With several uvicorn workers each process exposes its own numbers.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+STAGES = ("decode", "encode", "match", "store")
+
+
+class Metrics:
+    """The gateway's Prometheus collectors, registered in their own registry."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("fsar_http_requests", "HTTP requests by templated route and status.",
+                                ["method", "route", "status"], registry=self.registry)
+        self.request_seconds = Histogram("fsar_http_request_duration_seconds", "HTTP request latency.",
+                                         ["method", "route"], buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.stage_seconds = Histogram("fsar_stage_duration_seconds",
+                                       "Time per stage: decode, encode, match, store.",
+                                       ["stage"], buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.cache = Counter("fsar_cache_requests", "Feature cache look-ups by cache and result (hit/miss).",
+                             ["cache", "result"], registry=self.registry)
+        self.backend_calls = Counter("fsar_backend_calls", "Backend calls by operation.", ["op"],
+                                     registry=self.registry)
+        self.videos_encoded = Counter("fsar_videos_encoded", "Videos encoded by the backend, by branch.",
+                                      ["branch"], registry=self.registry)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[dict]:
+        """Time a stage; the yielded dict gets `seconds` when the block ends."""
+        record: dict = {}
+        start = time.perf_counter()
+        try:
+            yield record
+        finally:
+            record["seconds"] = time.perf_counter() - start
+            self.stage_seconds.labels(stage=name).observe(record["seconds"])
+
+    def cache_result(self, cache: str, hit: bool) -> None:
+        self.cache.labels(cache=cache, result="hit" if hit else "miss").inc()
+
+    def backend_call(self, op: str) -> None:
+        self.backend_calls.labels(op=op).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def value(self, name: str, **labels: str) -> float:
+        """Current value of a sample (e.g. `value("fsar_backend_calls_total", op="classify")`), 0 if absent."""
+        found = self.registry.get_sample_value(name, labels)
+        return float(found) if found is not None else 0.0
+
+
+class RequestMetricsMiddleware:
+    """Pure ASGI middleware counting requests and latency per templated route."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+        start = time.perf_counter()
+
+        async def send_and_record(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "<unmatched>"
+            method = scope.get("method", "")
+            self.metrics.requests.labels(method=method, route=template, status=str(status)).inc()
+            self.metrics.request_seconds.labels(method=method, route=template).observe(
+                time.perf_counter() - start)
