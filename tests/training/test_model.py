@@ -14,6 +14,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from training.model import CheckpointMismatchError, FsarModel, ModelConfig, ModelConfigError, build_model
 from training.model.adapters import TedAdapter
 from training.model.backbone import load_backbone, register_model_configs
+from training.model.info import format_model_info, model_info
 from training.model.injection import AdaptedBlock
 
 TINY = "fsar-tiny"
@@ -335,3 +336,17 @@ def test_parameter_counts_by_module(tiny_weights) -> None:
     assert any(model.is_text_adapter_parameter(n) for n in names)
     assert sum(p.numel() for n, p in model.named_parameters() if model.is_text_adapter_parameter(n)) \
         == counts["by_module"]["text_adapters"]
+
+
+def test_model_info_counts_and_table() -> None:
+    info = model_info(TINY, "ted", tpcm=False, text_adapter_layers=1)
+    # fsar-tiny: C = D = text width = 64, 2 visual blocks -> TED width 32; temporal adapter 64 -> 32 -> 64
+    ted_per_block = 2 * (64 * 32 + 32) + (32 * 3 + 32) + (32 * 9 + 32) + 2 * (32 * 64 + 64)
+    assert info["by_module"]["ted_adapters"] == 2 * ted_per_block
+    assert info["by_module"]["temporal_adapter"] == (64 * 32 + 32) + (32 * 3 + 32) + (32 * 64 + 64)
+    assert info["by_module"]["text_adapters"] == (64 * 64 + 64) + (64 * 64 + 64)  # one block, width min(384, 64)
+    assert info["trainable"] == sum(v for k, v in info["by_module"].items() if k != "backbone")
+    assert info["weights_source"] == "random" and info["wrapped_blocks"] == {"visual": [0, 1], "text": [1]}
+    table = format_model_info(info)
+    assert table.splitlines()[0].startswith("backbone fsar-tiny (random), adapter ted")
+    assert f"{info['trainable']:,}" in table and "ted_adapters" in table

@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _SLOT_GROUPS = {"ted_before_attn": "ted_adapters", "ted_before_mlp": "ted_adapters", "ma": "ma_adapters",
                 "text_adapter": "text_adapters"}
+_GROUP_ORDER = ("backbone", "ted_adapters", "ma_adapters", "text_adapters", "temporal_adapter", "ma_text_proj",
+                "tpcm", "metric", "metric_log_scale")
 
 
 class CheckpointMismatchError(ValueError):
@@ -308,13 +310,15 @@ class FsarModel(nn.Module):
         Groups: ``backbone`` (frozen CLIP), ``ted_adapters``, ``ma_adapters``, ``text_adapters``,
         ``temporal_adapter``, ``ma_text_proj``, ``tpcm``, ``metric``, ``metric_log_scale``.
         """
-        by_module: Dict[str, int] = {}
+        counts: Dict[str, int] = {}
         trainable = total = 0
         for name, param in self.named_parameters():
             group = self._parameter_group(name)
-            by_module[group] = by_module.get(group, 0) + param.numel()
+            counts[group] = counts.get(group, 0) + param.numel()
             total += param.numel()
             trainable += param.numel() if param.requires_grad else 0
+        order = [g for g in _GROUP_ORDER if g in counts] + sorted(g for g in counts if g not in _GROUP_ORDER)
+        by_module = {group: counts[group] for group in order}
         return {"trainable": trainable, "total": total, "frozen": total - trainable, "by_module": by_module}
 
     def trainable_state_dict(self) -> Dict[str, Tensor]:
