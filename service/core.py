@@ -7,7 +7,7 @@ features, keeps support sets in the store and answers classification requests. T
 Store layout (relative keys; the store adds its prefix; `fp` = model fingerprint, `h` = sha256 of
 the uploaded bytes, `lk` = sha256 of the label, `s` = sampling, e.g. `t8x224` = 8 frames at 224 px):
 
-    set:{id}:manifest              JSON: name, metric, classes, videos [{sha256, label, filename}],
+    set:{id}:manifest              JSON: name, metric (None: the model's), classes, videos [{sha256, label, filename}],
                                    sampling, revision, created/updated/expires times (written last)
     set:{id}:clip:{h}              uint8 [T, S, S, 3] decoded frames of each support video
     set:{id}:feat:{fp}:{h}:{lk}    float32 [T, D] support features (support branch, label text)
@@ -50,7 +50,7 @@ from service.errors import (
 )
 from service.metrics import Metrics
 from service.settings import Settings
-from service.store.base import Batch, Store
+from service.store.base import Batch, Store, StoreConflict
 from service.video import DecodeLimits, VideoDecodeError, decode_clip, frame_to_square
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 TOO_LARGE_CODES = frozenset({"too_large", "too_long", "too_many_pixels"})
 MAX_LABEL_CHARS = 200
 ENCODE_BATCH = 8
+CONFLICT_RETRIES = 3
 
 
 @dataclass(frozen=True)
@@ -266,14 +267,28 @@ class FsarService:
             if not upload.data:
                 raise UnsupportedMedia(f"{upload.filename or 'upload'}: the file is empty.", code="not_a_video")
 
-    def _check_metric(self, metric: str | None) -> str:
+    def _check_metric(self, metric: str | None) -> str | None:
+        """A requested per-set metric, validated; None (the default) means "whatever the model uses"."""
         info = self.model
-        if metric is None:
-            return str(info["metric"])
+        if metric is None or not metric.strip():
+            return None
+        metric = metric.strip()
         available = list(info.get("metrics") or [info["metric"]])
         if metric not in available:
             raise InvalidField(f"metric '{metric}' is not available with this model; choose one of "
                                f"{', '.join(available)}.", code="unknown_metric")
+        return metric
+
+    def _set_metric(self, manifest: dict[str, Any]) -> str | None:
+        """The metric to classify a set with (None: the model's own), or 409 if the model lacks it."""
+        info = self.model
+        metric = manifest.get("metric")
+        if metric is None or metric == info["metric"]:
+            return None
+        if metric not in (info.get("metrics") or []):
+            raise Conflict(f"Support set '{manifest['id']}' was registered with metric '{metric}', which the "
+                           f"current model does not offer (it uses '{info['metric']}'); register it again.",
+                           code="metric_unavailable")
         return metric
 
     async def create_support_set(self, uploads: Sequence[Upload], labels: Sequence[str], *,
@@ -305,8 +320,17 @@ class FsarService:
         """Add shots or new classes to a set; prototypes are rebuilt. Returns the updated description."""
         labels = clean_labels(labels)
         self._check_files(uploads, labels)
-        manifest = await self._load_manifest(set_id)
-        return await self._add_to_set(manifest, list(uploads), labels, new=False)
+        for attempt in range(1, CONFLICT_RETRIES + 1):
+            manifest = await self._load_manifest(set_id)
+            try:
+                return await self._add_to_set(manifest, list(uploads), labels, new=False)
+            except StoreConflict:
+                # Another request updated the set meanwhile: redo on top of its revision (the
+                # features it needs are cached by now, so a retry costs little).
+                if attempt == CONFLICT_RETRIES:
+                    raise
+                log.info("support set %s changed during an update; retrying (%d)", set_id, attempt)
+        raise AssertionError("unreachable")
 
     async def _add_to_set(self, manifest: dict[str, Any], uploads: list[Upload], labels: list[str], *,
                           new: bool) -> dict[str, Any]:
@@ -438,8 +462,14 @@ class FsarService:
         batch.array(key, prototypes)
         ttl = self._remaining_ttl(manifest)
         if ttl is None or ttl > 0:
-            with self.metrics.stage("store"):
-                await self.store.write_batch(batch, ttl_s=ttl)
+            try:
+                with self.metrics.stage("store"):
+                    # Only while the set still has this revision: never resurrect a deleted set's keys.
+                    await self.store.write_batch(batch, ttl_s=ttl,
+                                                 guard=(self._manifest_key(manifest["id"]), manifest["revision"]))
+            except StoreConflict:
+                log.info("support set %s changed while its prototypes were rebuilt; not caching them",
+                         manifest["id"])
         return prototypes
 
     async def _drop_old_prototypes(self, set_id: str, keep_revision: int) -> None:
@@ -475,7 +505,7 @@ class FsarService:
             "name": manifest.get("name"),
             "classes": [{"label": label, "shots": shots[label]} for label in manifest["classes"]],
             "num_videos": len(manifest["videos"]),
-            "metric": manifest["metric"],
+            "metric": manifest.get("metric") or self.model["metric"],
             "model": self.model_ref(),
             "sampling": manifest.get("sampling"),
             "revision": manifest["revision"],
@@ -544,10 +574,10 @@ class FsarService:
                 prototypes = await self.prototypes(manifest)
             with _timed(timings, "encode"):
                 class_text = await self.text_features(classes)
+            metric = self._set_metric(manifest)
             self.metrics.backend_call("classify")
             with _timed(timings, "match"), self.metrics.stage("match"):
-                logits = await self.backend.classify(query_batch, prototypes, class_text,
-                                                     metric=manifest.get("metric"))
+                logits = await self.backend.classify(query_batch, prototypes, class_text, metric=metric)
             few_probs = softmax(logits)[0]  # [N]
             candidates = classes
             sources = {label: "support" for label in classes}

@@ -6,8 +6,12 @@ that even the random tiny model tells them apart; frames still carry their index
 """
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+import os
+import socket
+import time
 import subprocess
 import sys
 import textwrap
@@ -165,6 +169,23 @@ async def test_add_videos_rebuilds_prototypes(videos, redis_url: str, redis_pref
         body = (await classify(client, videos[2, 0], support_set_id=set_id)).json()
         assert body["predictions"][0]["label"] == LABELS[2] and body["num_candidates"] == 3
         assert_error(await client.post("/support-sets/nope/videos", files=files, data=data), 404)
+
+
+async def test_concurrent_additions_both_land(videos, redis_url: str, redis_prefix: str) -> None:
+    async with running(tiny_settings(redis_url=redis_url, redis_prefix=redis_prefix)) as (client, service):
+        set_id = (await register(client, [(videos[0, 0], LABELS[0])], metric="otam"))["id"]
+
+        async def add(item: tuple[bytes, str]) -> httpx.Response:
+            files, data = upload_form([item])
+            return await client.post(f"/support-sets/{set_id}/videos", files=files, data=data)
+
+        responses = await asyncio.gather(add((videos[1, 0], LABELS[1])), add((videos[2, 0], LABELS[2])))
+        assert [r.status_code for r in responses] == [200, 200], [r.text for r in responses]
+        final = (await client.get(f"/support-sets/{set_id}")).json()
+        assert final["revision"] == 3 and final["num_videos"] == 3 and final["metric"] == "otam"
+        assert {c["label"] for c in final["classes"]} == set(LABELS[:3])
+        body = (await classify(client, videos[2, 1], support_set_id=set_id)).json()
+        assert body["num_candidates"] == 3 and body["predictions"][0]["label"] == LABELS[2]
 
 
 # ------------------------------------------------------------------ zero-shot and hybrid
@@ -381,6 +402,22 @@ async def test_missing_pretrained_weights_stop_start_up(tmp_path) -> None:
     assert "does not exist" in str(info.value)
 
 
+async def test_unexpected_errors_are_json_500s(caplog) -> None:
+    app = create_app(tiny_settings())
+
+    async def broken() -> dict:
+        raise RuntimeError("a bug")
+
+    app.add_api_route("/broken", broken)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+            response = await client.get("/broken")
+    assert_error(response, 500, "internal_error")
+    assert "a bug" not in response.text  # no internals leak to the client...
+    assert any("a bug" in (record.exc_text or "") or record.exc_info for record in caplog.records)  # ...but logged
+
+
 # ------------------------------------------------------------------ settings and import hygiene
 def test_settings_from_env_and_cli(monkeypatch) -> None:
     monkeypatch.setenv("FSAR_PORT", "9001")
@@ -438,3 +475,52 @@ def test_server_factory_builds_app_from_environment(monkeypatch) -> None:
     monkeypatch.setenv(SETTINGS_ENV, settings.model_dump_json())
     app = app_from_env()
     assert app.state.settings == settings
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_serve_with_two_workers_shares_redis(videos, redis_url: str, redis_prefix: str) -> None:
+    """`serve()` with workers=2 (uvicorn factory + settings in the environment), over real HTTP."""
+    port = _free_port()
+    settings = tiny_settings(port=port, workers=2, redis_url=redis_url, redis_prefix=redis_prefix)
+    script = ("from service.server import serve; from service.settings import Settings; "
+              f"serve(Settings.model_validate_json({settings.model_dump_json()!r}))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FSAR_")}
+    server = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        ready = False
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                ready = httpx.get(f"{base}/readyz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                ready = False
+            if ready:
+                break
+            time.sleep(0.3)
+        assert ready, "gateway did not become ready"
+        files, data = upload_form([(videos[0, 0], LABELS[0]), (videos[1, 0], LABELS[1])])
+        created = httpx.post(f"{base}/support-sets", files=files, data=data, timeout=60)
+        assert created.status_code == 201, created.text
+        set_id = created.json()["id"]
+        # Whichever worker answers, the set is there (state lives in Redis).
+        for _ in range(6):
+            got = httpx.get(f"{base}/support-sets/{set_id}", timeout=10)
+            assert got.status_code == 200 and got.json()["num_videos"] == 2
+        answer = httpx.post(f"{base}/classify", files=[("video", ("q.mp4", videos[1, 0], "video/mp4"))],
+                            data={"support_set_id": set_id}, timeout=60)
+        assert answer.status_code == 200 and answer.json()["predictions"][0]["label"] == LABELS[1]
+    finally:
+        server.terminate()
+        try:
+            output, _ = server.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            output, _ = server.communicate(timeout=10)
+    assert output.count("built with RANDOM weights") == 2, output[-2000:]  # one model per worker
