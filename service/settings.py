@@ -34,14 +34,18 @@ class Settings(BaseSettings):
         description="Backbone weights: an open_clip pretrained tag, a local weights file, or 'none' for random "
                     "weights (demo/tests only). Offline without cached weights the server stops at start-up.")
     checkpoint: str | None = Field(
-        None, description="Adapted checkpoint (from `fsar train`); overrides backbone/adapter/pretrained.")
+        None, description="Adapted checkpoint (from `fsar train`); overrides backbone/adapter/metric/num_frames. "
+                          "Its backbone weights come from the source it records, or from `pretrained` when "
+                          "that is a local file with the same weights.")
     adapter: str | None = Field(
         None, description="Adapter type when no checkpoint is given (none | ted | ma | ted+ma); "
                           "unset = the model's default (ted).")
     metric: str | None = Field(
-        None, description="Temporal metric (otam | bimhm | mean | trx) when no checkpoint is given; None = the model's.")
+        None, description="Temporal metric (otam | bimhm | mean | trx) when no checkpoint is given; "
+                          "unset = the model's default (otam).")
     num_frames: int | None = Field(
-        None, ge=1, le=64, description="Frames sampled per video; None = the model's (8 by default, or the checkpoint's).")
+        None, ge=1, le=64,
+        description="Frames sampled per video when no checkpoint is given; unset = the model's default (8).")
     seed: int = Field(
         0, description="Seed of the initial weights of a model built without a checkpoint (adapters, heads, and "
                        "the backbone when pretrained=none), so replicas and restarts share one fingerprint.")
@@ -49,7 +53,8 @@ class Settings(BaseSettings):
 
     # ------------------------------------------------------------------ backend
     backend: Literal["embedded", "triton"] = Field(
-        "embedded", description="Where the model runs: 'embedded' (in-process torch) or 'triton' (tritonclient gRPC).")
+        "embedded",
+        description="Where the model runs: 'embedded' (in-process torch) or 'triton' (tritonclient gRPC).")
     triton_url: str = Field("127.0.0.1:8001", description="Triton gRPC address (host:port) for backend=triton.")
     triton_timeout_s: float = Field(30.0, gt=0, description="Timeout of one Triton request, in seconds.")
     encode_concurrency: int = Field(
@@ -57,7 +62,8 @@ class Settings(BaseSettings):
 
     # ------------------------------------------------------------------ store
     redis_url: str | None = Field(
-        None, description="Redis URL (redis://host:6379/0). None = in-process store (lost on restart, one worker only).")
+        None, description="Redis URL (redis://host:6379/0). Unset = in-process store (lost on restart, one "
+                          "worker only; said at start-up).")
     redis_prefix: str = Field("fsar:", min_length=1, description="Prefix of every Redis key this gateway writes.")
     support_set_ttl_s: int | None = Field(
         None, gt=0, description="Default lifetime of a support set in seconds (per-request ttl_seconds overrides); "
@@ -66,7 +72,8 @@ class Settings(BaseSettings):
         3600, gt=0, description="Lifetime of cached query/text features in seconds; None = forever.")
 
     # ------------------------------------------------------------------ uploads and decoding
-    max_upload_mb: float = Field(200.0, gt=0, description="Largest request body in MB (all files together); larger -> 413.")
+    max_upload_mb: float = Field(
+        200.0, gt=0, description="Largest request body in MB (all files together); larger -> 413.")
     max_files_per_request: int = Field(64, ge=1, description="Most video files in one request; more -> 413.")
     max_video_seconds: float = Field(600.0, gt=0, description="Longest accepted video in seconds; longer -> 413.")
     max_pixels: int = Field(4096 * 4096, gt=0, description="Most pixels per frame (width x height); more -> 413.")

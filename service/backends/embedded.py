@@ -58,7 +58,10 @@ class EmbeddedBackend(Backend):
         if settings.checkpoint:
             from training.checkpoint import load_checkpoint
 
-            model, meta = load_checkpoint(settings.checkpoint)
+            # A local weights file in `pretrained` stands in for the backbone weights the checkpoint
+            # records (same weights, e.g. on an offline host); load_checkpoint verifies their hash.
+            local_weights = settings.pretrained if settings.pretrained and os.path.isfile(settings.pretrained) else None
+            model, meta = load_checkpoint(settings.checkpoint, pretrained_override=local_weights)
             ignored = [name for name in ("adapter", "metric", "num_frames") if getattr(settings, name) is not None]
             if ignored:
                 log.warning("checkpoint given: ignoring %s (the checkpoint's config decides)", ", ".join(ignored))

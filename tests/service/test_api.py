@@ -11,10 +11,10 @@ import io
 import json
 import os
 import socket
-import time
 import subprocess
 import sys
 import textwrap
+import time
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
@@ -392,6 +392,37 @@ async def test_model_card_without_demo_mode() -> None:
     async with running(tiny_settings(demo=False)) as (client, _):
         card = (await client.get("/model")).json()
         assert card["demo"] is False and "demo model" not in card["description"]
+
+
+async def test_serves_a_checkpoint(videos, tmp_path) -> None:
+    import torch
+
+    from training.checkpoint import save_checkpoint
+    from training.model import ModelConfig, build_model
+
+    torch.manual_seed(3)
+    model = build_model(ModelConfig(backbone="fsar-tiny", pretrained=None, num_frames=4, adapter="ted",
+                                    metric="bimhm"))
+    with torch.no_grad():  # stand-in for training: make TPCM non-identity
+        for param in model.tpcm.parameters():
+            param.add_(0.01 * torch.randn_like(param))
+    checkpoint_hash = save_checkpoint(tmp_path / "model.pt", model, step=7)
+
+    async with running(tiny_settings(checkpoint=str(tmp_path / "model.pt"), num_frames=None)) as (client, service):
+        card = (await client.get("/model")).json()
+        assert card["checkpoint_hash"] == checkpoint_hash == card["fingerprint"]
+        assert card["metric"] == "bimhm" and card["num_frames"] == 4
+        set_id = (await register(client, [(videos[c, 0], LABELS[c]) for c in range(3)]))["id"]
+        body = (await classify(client, videos[0, 1], support_set_id=set_id)).json()
+        assert body["model"] == checkpoint_hash and len(body["predictions"]) == 3
+        assert sum(p["score"] for p in body["predictions"]) == pytest.approx(1.0, abs=1e-6)
+        assert_error(await client.post("/support-sets", files=upload_form([(videos[0, 0], "a")])[0],
+                                       data={"labels": ["a"], "metric": "otam"}), 422, "unknown_metric")
+
+    app = create_app(tiny_settings(checkpoint=str(tmp_path / "absent.pt")))
+    with pytest.raises(Exception, match="does not exist"):
+        async with app.router.lifespan_context(app):
+            pass
 
 
 async def test_missing_pretrained_weights_stop_start_up(tmp_path) -> None:
