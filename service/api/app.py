@@ -43,6 +43,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         backend = create_backend(settings)
         try:
             await backend.start()
+        except Exception as err:
+            # One line that says why (e.g. pretrained weights not cached offline), then stop.
+            log.error("the gateway cannot start: %s", err)
+            await store.close()
+            raise
         except BaseException:
             await store.close()
             raise

@@ -305,6 +305,7 @@ async def test_bad_requests_get_json_errors(videos, tmp_path) -> None:
         assert_error(await client.get("/support-sets/unknown"), 404, "support_set_not_found")
         assert_error(await classify(client, good, support_set_id="unknown"), 404, "support_set_not_found")
         assert_error(await client.get("/no/such/path"), 404, "not_found")
+        assert_error(await client.put("/support-sets"), 405, "method_not_allowed")
 
         # 422: missing fields, mismatched counts, bad values
         files, _ = upload_form([(good, "a")])
