@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -60,6 +61,7 @@ TOO_LARGE_CODES = frozenset({"too_large", "too_long", "too_many_pixels"})
 MAX_LABEL_CHARS = 200
 ENCODE_BATCH = 8
 CONFLICT_RETRIES = 3
+_SET_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -245,7 +247,7 @@ class FsarService:
         return f"set:{set_id}:manifest"
 
     async def _load_manifest(self, set_id: str) -> dict[str, Any]:
-        if not set_id or ":" in set_id or "*" in set_id:
+        if not _SET_ID.fullmatch(set_id or ""):  # ids are hex; anything else cannot name a key of ours
             raise SupportSetNotFound(set_id)
         with self.metrics.stage("store"):
             manifest = await self.store.get_json(self._manifest_key(set_id))
@@ -378,10 +380,9 @@ class FsarService:
         into `batch` (written with the set) and into the shared cache."""
         set_id, fp = manifest["id"], self.fingerprint
         sampling_key = self._sampling_key(self.sampling)
-        pairs = _unique(f"{v['sha256']}|{v['label']}" for v in manifest["videos"])
-        set_keys = {p: f"set:{set_id}:feat:{fp}:{p.split('|')[0]}:{_label_key(p.split('|', 1)[1])}" for p in pairs}
-        cache_keys = {p: f"cache:support:{fp}:{sampling_key}:{p.split('|')[0]}:{_label_key(p.split('|', 1)[1])}"
-                      for p in pairs}
+        pairs = list(dict.fromkeys((v["sha256"], v["label"]) for v in manifest["videos"]))  # (sha256, label)
+        set_keys = {(h, label): f"set:{set_id}:feat:{fp}:{h}:{_label_key(label)}" for h, label in pairs}
+        cache_keys = {(h, label): f"cache:support:{fp}:{sampling_key}:{h}:{_label_key(label)}" for h, label in pairs}
         with self.metrics.stage("store"):
             found = dict(zip(pairs, await self.store.get_arrays([set_keys[p] for p in pairs])))
             missing = [p for p in pairs if found[p] is None]
@@ -396,9 +397,9 @@ class FsarService:
                 if batch is not None:
                     batch.array(set_keys[pair], feat)
         if to_encode:
-            clips = await self._clips_for(manifest, [p.split("|")[0] for p in to_encode], fresh_clips or {})
-            text_feats = await self.text_features([p.split("|", 1)[1] for p in to_encode])
-            feats = await self._encode_videos(clips, text_feats, branch="support")
+            clips = await self._clips_for(manifest, [h for h, _ in to_encode], fresh_clips or {})
+            text_feats = await self.text_features([label for _, label in to_encode])  # [B, D]
+            feats = await self._encode_videos(clips, text_feats, branch="support")  # [B, T, D]
             cache_batch = Batch()
             for pair, feat in zip(to_encode, feats):
                 found[pair] = feat
@@ -407,7 +408,7 @@ class FsarService:
                     batch.array(set_keys[pair], feat)
             with self.metrics.stage("store"):
                 await self.store.write_batch(cache_batch, ttl_s=self.settings.query_cache_ttl_s)
-        return np.stack([found[f"{v['sha256']}|{v['label']}"] for v in manifest["videos"]])
+        return np.stack([found[v["sha256"], v["label"]] for v in manifest["videos"]])
 
     async def _clips_for(self, manifest: dict[str, Any], hashes: list[str],
                          fresh: dict[str, np.ndarray]) -> list[np.ndarray]:
