@@ -161,5 +161,6 @@ def settings_table_markdown() -> str:
     """The settings table as Markdown (`| name | env var | default | description |`)."""
     lines = ["| setting | env var | default | description |", "| --- | --- | --- | --- |"]
     for row in settings_table():
-        lines.append(f"| `{row['name']}` | `{row['env']}` | `{row['default']}` | {row['description']} |")
+        description = row["description"].replace("|", "\\|")  # a bare | would split the cell
+        lines.append(f"| `{row['name']}` | `{row['env']}` | `{row['default']}` | {description} |")
     return "\n".join(lines)
