@@ -308,6 +308,9 @@ class LocalTritonServer:
             :func:`default_sys_path`.
         cache_dir: passed to :func:`ensure_tritonserver`.
         ready_timeout_s: how long :meth:`start` waits for ``/v2/health/ready``.
+        exit_timeout_s: ``--exit-timeout-secs``: how long a stopping server waits for in-flight
+            requests and model unloading. Python-backend models take about 5 s to unload; a
+            local server need not wait for that (its stubs exit with it, shared memory is freed).
     """
 
     def __init__(
@@ -323,6 +326,7 @@ class LocalTritonServer:
         sys_path: Optional[Sequence[str]] = None,
         cache_dir: Optional[PathLike] = None,
         ready_timeout_s: float = 180.0,
+        exit_timeout_s: int = 1,
     ) -> None:
         self.repository = Path(repository).resolve()
         if not self.repository.is_dir():
@@ -338,6 +342,7 @@ class LocalTritonServer:
         self.sys_path = list(sys_path) if sys_path is not None else default_sys_path()
         self.cache_dir = cache_dir
         self.ready_timeout_s = ready_timeout_s
+        self.exit_timeout_s = exit_timeout_s
         self.startup_s: Optional[float] = None
         self._last_log = ""
         self._proc: Optional[subprocess.Popen] = None
@@ -381,7 +386,7 @@ class LocalTritonServer:
             "--model-control-mode", "explicit",
             # Our configs are complete; skipping auto-complete saves one stub start per model.
             "--disable-auto-complete-config",
-            "--exit-timeout-secs", "5",
+            "--exit-timeout-secs", str(self.exit_timeout_s),
         ]
         for name in self.models:
             cmd += ["--load-model", name]

@@ -1,0 +1,556 @@
+"""Export a checkpoint to a Triton model repository of three Python-backend models.
+
+    summary = export_repository("runs/x/best.pt", "model_repository", version=1, instance_kind="gpu")
+
+writes, for ``text_encoder``, ``video_encoder`` and ``fewshot_head``::
+
+    model_repository/<model>/config.pbtxt          explicit dtypes and dims, batching, instance group,
+                                                    and fsar_* parameters describing the model
+    model_repository/<model>/<version>/model.py    thin shell: convert tensors, call this package
+    model_repository/<model>/<version>/checkpoint.pt      the checkpoint, copied
+    model_repository/<model>/<version>/fsar_export.json   checkpoint hash, config, inputs/outputs
+
+Models and tensors (``B`` is Triton's implicit batch dimension where ``max_batch_size > 0``)::
+
+    text_encoder   LABEL BYTES [B, 1] (a label; the prompt template is applied inside)
+                   -> TEXT_FEATS FP32 [B, D]
+    video_encoder  FRAMES UINT8 [B, T, H, W, 3] (RGB at the model's input size; normalised inside)
+                   + TEXT_FEATS FP32 [B, D], optional: each support video's label text feature
+                   -> FRAME_FEATS FP32 [B, T, D]
+    fewshot_head   OP BYTES [1] = "prototypes" | "classify" | "zero_shot", and by OP:
+                   prototypes: SUPPORT_FEATS [S, T, D], SUPPORT_LABELS INT64 [S], TEXT_FEATS [N, D]
+                               -> PROTOTYPES FP32 [N, T, D]
+                   classify:   QUERY_FEATS [Q, T, D], PROTOTYPES [N, T, D], TEXT_FEATS [N, D] optional
+                               -> LOGITS FP32 [Q, N]
+                   zero_shot:  QUERY_FEATS [Q, T, D], TEXT_FEATS [N, D] -> LOGITS FP32 [Q, N]
+
+The encoders batch dynamically; the dynamic batcher merges only consecutive requests with the
+same inputs, so video requests with TEXT_FEATS (support videos) and without (queries) form
+separate batches. ``fewshot_head`` takes one episode per request (``max_batch_size: 0``).
+
+Backbone weights: the models rebuild the backbone from the checkpoint's pretrained tag or file,
+or from the ``FSAR_PRETRAINED`` environment variable of the Triton server (a tag or a local file
+with the same weights, checked against the recorded weight hash). A checkpoint of a random
+backbone carries the backbone weights itself, so nothing is re-randomised.
+
+The functions in the "runtime" section below are what the generated ``model.py`` files call;
+all model math stays in :class:`training.model.FsarModel`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from training.checkpoint import read_checkpoint_meta
+from training.model.config import ModelConfig
+
+MODEL_NAMES = ("text_encoder", "video_encoder", "fewshot_head")
+CHECKPOINT_FILE = "checkpoint.pt"
+METADATA_FILE = "fsar_export.json"
+PRETRAINED_ENV = "FSAR_PRETRAINED"
+FEWSHOT_OPS = ("prototypes", "classify", "zero_shot")
+INSTANCE_KINDS = {"gpu": "KIND_GPU", "cpu": "KIND_CPU"}
+
+PathLike = Union[str, os.PathLike]
+
+
+class ExportError(ValueError):
+    """Export arguments or the target repository are not usable."""
+
+
+# ====================================================================== export
+def export_repository(checkpoint: PathLike, repository: PathLike, version: int = 1, *,
+                      instance_kind: str = "gpu", max_batch_size: int = 64,
+                      queue_delay_us: int = 2000) -> Dict[str, Any]:
+    """Write the three Triton models for ``checkpoint`` into ``repository`` (version ``version``).
+
+    Re-exporting into an existing version folder replaces its files; other versions and other
+    models in the repository are left alone. The model is not built (the backbone weights need not
+    be on this host); the checkpoint's format is checked.
+
+    Args:
+        checkpoint: an fsar checkpoint (:func:`training.checkpoint.save_checkpoint`).
+        repository: the model repository folder (created if missing).
+        version: Triton version folder number (>= 1).
+        instance_kind: ``"gpu"`` (``KIND_GPU``, one instance per visible GPU) or ``"cpu"``.
+        max_batch_size: largest dynamic batch of the encoders (videos or labels).
+        queue_delay_us: how long the encoders' dynamic batcher waits to fill a batch.
+
+    Returns:
+        ``{"repository", "version", "checkpoint", "checkpoint_hash", "models": {name: folder},
+        "instance_kind", "max_batch_size", "queue_delay_us", "backbone", "embed_dim", "num_frames",
+        "image_size", "bytes"}``.
+
+    Raises:
+        ExportError: invalid arguments. CheckpointError: not a readable fsar checkpoint.
+    """
+    _check_export_args(version, instance_kind, max_batch_size, queue_delay_us)
+    source = Path(checkpoint)
+    meta = read_checkpoint_meta(source)
+    return _write_repository(Path(repository), meta, source, version, instance_kind, max_batch_size,
+                             queue_delay_us)
+
+
+def write_placeholder_repository(repository: PathLike, config: Optional[ModelConfig] = None, version: int = 1,
+                                 *, instance_kind: str = "gpu", max_batch_size: int = 64,
+                                 queue_delay_us: int = 2000) -> Dict[str, Any]:
+    """Write the three models for ``config`` *without* weights (the repository checked into git).
+
+    The configs and ``model.py`` files are exactly what :func:`export_repository` writes for a
+    checkpoint of that config; the models refuse to load, with a message saying to run
+    ``fsar export``, until a checkpoint is exported into the same version.
+    """
+    _check_export_args(version, instance_kind, max_batch_size, queue_delay_us)
+    config = config or ModelConfig()
+    meta = {"checkpoint_hash": None, "config": config.to_dict(),
+            "backbone": {"name": config.backbone, "pretrained": config.pretrained, "weights_source": None,
+                         "weights_hash": None, "weights_embedded": False},
+            "parameters": {}}
+    return _write_repository(Path(repository), meta, None, version, instance_kind, max_batch_size, queue_delay_us)
+
+
+def _check_export_args(version: int, instance_kind: str, max_batch_size: int, queue_delay_us: int) -> None:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ExportError(f"version must be an integer >= 1 (a Triton version folder), got {version!r}")
+    if instance_kind not in INSTANCE_KINDS:
+        raise ExportError(f"instance_kind must be 'gpu' or 'cpu', got {instance_kind!r}")
+    if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+        raise ExportError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
+    if isinstance(queue_delay_us, bool) or not isinstance(queue_delay_us, int) or queue_delay_us < 0:
+        raise ExportError(f"queue_delay_us must be a non-negative integer (microseconds), got {queue_delay_us!r}")
+
+
+def _model_dims(config: ModelConfig) -> Tuple[int, int, int]:
+    """``(D, image size, T)`` from the open_clip model config, without building the model."""
+    import open_clip
+
+    from training.model.backbone import register_model_configs
+
+    register_model_configs()
+    model_cfg = open_clip.get_model_config(config.backbone)
+    if model_cfg is None:
+        raise ExportError(f"unknown open_clip model {config.backbone!r} in the checkpoint's config")
+    image_size = model_cfg["vision_cfg"].get("image_size", 224)
+    if isinstance(image_size, (list, tuple)):
+        if len(set(image_size)) != 1:
+            raise ExportError(f"{config.backbone} has a non-square input {image_size}; not supported")
+        image_size = image_size[0]
+    return int(model_cfg["embed_dim"]), int(image_size), int(config.num_frames)
+
+
+def _write_repository(repository: Path, meta: Mapping[str, Any], checkpoint: Optional[Path], version: int,
+                      instance_kind: str, max_batch_size: int, queue_delay_us: int) -> Dict[str, Any]:
+    config = ModelConfig.from_dict(meta["config"])
+    embed_dim, image_size, num_frames = _model_dims(config)
+    if repository.exists() and not repository.is_dir():
+        raise ExportError(f"repository {repository} exists and is not a folder")
+    parameters = _fsar_parameters(meta, config, embed_dim, image_size)
+    kind = INSTANCE_KINDS[instance_kind]
+    configs = {
+        "text_encoder": _text_encoder_config(embed_dim, kind, max_batch_size, queue_delay_us, parameters),
+        "video_encoder": _video_encoder_config(embed_dim, image_size, num_frames, kind, max_batch_size,
+                                               queue_delay_us, parameters),
+        "fewshot_head": _fewshot_head_config(embed_dim, num_frames, kind, parameters),
+    }
+    exported_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    folders: Dict[str, str] = {}
+    total_bytes = 0
+    for name in MODEL_NAMES:
+        model_dir = repository / name
+        version_dir = model_dir / str(version)
+        version_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(model_dir / "config.pbtxt", configs[name])
+        _atomic_write_text(version_dir / "model.py", _MODEL_PY[name])
+        if checkpoint is not None:
+            _atomic_copy(checkpoint, version_dir / CHECKPOINT_FILE)
+        else:
+            (version_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+        record = {
+            "model": name,
+            "version": version,
+            "checkpoint_hash": meta.get("checkpoint_hash"),
+            "fingerprint": meta.get("checkpoint_hash"),
+            "source_checkpoint": str(checkpoint.resolve()) if checkpoint is not None else None,
+            "placeholder": checkpoint is None,
+            "exported_at": exported_at,
+            "backbone": dict(meta["backbone"]),
+            "config": config.to_dict(),
+            "parameters": dict(meta.get("parameters") or {}),
+            "step": meta.get("step"),
+            "metrics": meta.get("metrics"),
+            "instance_kind": instance_kind,
+            "max_batch_size": max_batch_size if name != "fewshot_head" else 0,
+            "queue_delay_us": queue_delay_us if name != "fewshot_head" else None,
+            "io": _IO_DOC[name],
+        }
+        _atomic_write_text(version_dir / METADATA_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
+        folders[name] = str(model_dir)
+        total_bytes += sum(f.stat().st_size for f in model_dir.rglob("*") if f.is_file())
+    return {
+        "repository": str(repository),
+        "version": version,
+        "checkpoint": str(checkpoint) if checkpoint is not None else None,
+        "checkpoint_hash": meta.get("checkpoint_hash"),
+        "models": folders,
+        "instance_kind": instance_kind,
+        "max_batch_size": max_batch_size,
+        "queue_delay_us": queue_delay_us,
+        "backbone": config.backbone,
+        "embed_dim": embed_dim,
+        "num_frames": num_frames,
+        "image_size": image_size,
+        "bytes": total_bytes,
+    }
+
+
+# ---------------------------------------------------------------------- config.pbtxt
+def _fsar_parameters(meta: Mapping[str, Any], config: ModelConfig, embed_dim: int,
+                     image_size: int) -> Dict[str, str]:
+    """Facts a gateway reads with ``get_model_config`` (no torch needed there). Strings only."""
+    counts = meta.get("parameters") or {}
+    facts = {
+        "fsar_checkpoint_hash": meta.get("checkpoint_hash") or "",
+        # The fingerprint that keys cached features is the checkpoint hash (FsarModel.fingerprint).
+        "fsar_fingerprint": meta.get("checkpoint_hash") or "",
+        "fsar_placeholder": "false" if meta.get("checkpoint_hash") else "true",
+        "fsar_backbone": config.backbone,
+        "fsar_pretrained": config.pretrained or "",
+        "fsar_weights_source": meta["backbone"].get("weights_source") or "",
+        "fsar_backbone_hash": meta["backbone"].get("weights_hash") or "",
+        "fsar_adapter": config.adapter,
+        "fsar_metric": config.metric,
+        "fsar_num_frames": str(config.num_frames),
+        "fsar_image_size": str(image_size),
+        "fsar_embed_dim": str(embed_dim),
+        "fsar_prompt": config.prompt,
+        "fsar_trainable_params": str(counts.get("trainable", "")),
+        "fsar_total_params": str(counts.get("total", "")),
+        "fsar_model_config": json.dumps(config.to_dict(), sort_keys=True),
+    }
+    return facts
+
+
+def _pbtxt_string(value: str) -> str:
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{escaped}"'
+
+
+def _parameters_block(parameters: Mapping[str, str]) -> str:
+    entries = ",\n".join(f"  {{ key: {_pbtxt_string(key)} value: {{ string_value: {_pbtxt_string(value)} }} }}"
+                         for key, value in parameters.items())
+    return f"parameters [\n{entries}\n]\n"
+
+
+def _tensor(name: str, dtype: str, dims: Sequence[int], optional: bool = False) -> str:
+    dims_text = ", ".join(str(d) for d in dims)
+    return (f'  {{ name: "{name}" data_type: {dtype} dims: [ {dims_text} ]'
+            f'{" optional: true" if optional else ""} }}')
+
+
+def _config(name: str, max_batch_size: int, inputs: List[str], outputs: List[str], kind: str,
+            parameters: Mapping[str, str], queue_delay_us: Optional[int], comment: str) -> str:
+    lines = [f"# {line}" if line else "#" for line in comment.strip().splitlines()]
+    text = "\n".join(lines) + "\n"
+    text += f'name: "{name}"\nbackend: "python"\nmax_batch_size: {max_batch_size}\n'
+    text += "input [\n" + ",\n".join(inputs) + "\n]\n"
+    text += "output [\n" + ",\n".join(outputs) + "\n]\n"
+    if queue_delay_us is not None:
+        text += f"dynamic_batching {{ max_queue_delay_microseconds: {queue_delay_us} }}\n"
+    text += f"instance_group [ {{ kind: {kind} count: 1 }} ]\n"
+    text += _parameters_block(parameters)
+    return text
+
+
+def _text_encoder_config(embed_dim: int, kind: str, max_batch_size: int, queue_delay_us: int,
+                         parameters: Mapping[str, str]) -> str:
+    return _config(
+        "text_encoder", max_batch_size,
+        [_tensor("LABEL", "TYPE_STRING", [1])],
+        [_tensor("TEXT_FEATS", "TYPE_FP32", [embed_dim])],
+        kind, parameters, queue_delay_us,
+        "fsar text encoder (written by `fsar export`).\n"
+        "LABEL: one UTF-8 label per row (the prompt template is applied inside).\n"
+        "TEXT_FEATS: its text feature [D] (unnormalised).")
+
+
+def _video_encoder_config(embed_dim: int, image_size: int, num_frames: int, kind: str, max_batch_size: int,
+                          queue_delay_us: int, parameters: Mapping[str, str]) -> str:
+    return _config(
+        "video_encoder", max_batch_size,
+        [_tensor("FRAMES", "TYPE_UINT8", [num_frames, image_size, image_size, 3]),
+         _tensor("TEXT_FEATS", "TYPE_FP32", [embed_dim], optional=True)],
+        [_tensor("FRAME_FEATS", "TYPE_FP32", [num_frames, embed_dim])],
+        kind, parameters, queue_delay_us,
+        "fsar video encoder (written by `fsar export`).\n"
+        "FRAMES: one video per row, T RGB frames at the model's input size, uint8 (normalised inside).\n"
+        "TEXT_FEATS (optional): the video's label text feature, for support videos only.\n"
+        "FRAME_FEATS: per-frame features [T, D].\n"
+        "Requests with and without TEXT_FEATS are batched separately.")
+
+
+def _fewshot_head_config(embed_dim: int, num_frames: int, kind: str, parameters: Mapping[str, str]) -> str:
+    feats = [-1, num_frames, embed_dim]
+    return _config(
+        "fewshot_head", 0,
+        [_tensor("OP", "TYPE_STRING", [1]),
+         _tensor("SUPPORT_FEATS", "TYPE_FP32", feats, optional=True),
+         _tensor("SUPPORT_LABELS", "TYPE_INT64", [-1], optional=True),
+         _tensor("TEXT_FEATS", "TYPE_FP32", [-1, embed_dim], optional=True),
+         _tensor("QUERY_FEATS", "TYPE_FP32", feats, optional=True),
+         _tensor("PROTOTYPES", "TYPE_FP32", feats, optional=True)],
+        [_tensor("PROTOTYPES", "TYPE_FP32", feats),
+         _tensor("LOGITS", "TYPE_FP32", [-1, -1])],
+        kind, parameters, None,
+        "fsar few-shot head: TPCM + temporal metric (written by `fsar export`). One episode a request.\n"
+        'OP "prototypes": SUPPORT_FEATS [S,T,D], SUPPORT_LABELS [S] (0..N-1), TEXT_FEATS [N,D] -> PROTOTYPES [N,T,D]\n'
+        'OP "classify": QUERY_FEATS [Q,T,D], PROTOTYPES [N,T,D], TEXT_FEATS [N,D] optional -> LOGITS [Q,N]\n'
+        'OP "zero_shot": QUERY_FEATS [Q,T,D], TEXT_FEATS [N,D] -> LOGITS [Q,N]\n'
+        "softmax(LOGITS) over N gives the class probabilities.")
+
+
+_IO_DOC = {
+    "text_encoder": {"inputs": {"LABEL": "BYTES [B, 1]"}, "outputs": {"TEXT_FEATS": "FP32 [B, D]"}},
+    "video_encoder": {"inputs": {"FRAMES": "UINT8 [B, T, H, W, 3]", "TEXT_FEATS": "FP32 [B, D] (optional)"},
+                      "outputs": {"FRAME_FEATS": "FP32 [B, T, D]"}},
+    "fewshot_head": {
+        "inputs": {"OP": "BYTES [1]: prototypes | classify | zero_shot", "SUPPORT_FEATS": "FP32 [S, T, D]",
+                   "SUPPORT_LABELS": "INT64 [S]", "TEXT_FEATS": "FP32 [N, D]", "QUERY_FEATS": "FP32 [Q, T, D]",
+                   "PROTOTYPES": "FP32 [N, T, D]"},
+        "outputs": {"PROTOTYPES": "FP32 [N, T, D] (prototypes)", "LOGITS": "FP32 [Q, N] (classify, zero_shot)"}},
+}
+
+
+# ---------------------------------------------------------------------- files
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _atomic_copy(source: Path, target: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    os.close(fd)
+    try:
+        shutil.copyfile(source, tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ====================================================================== runtime (used by model.py)
+def load_exported_model(args: Mapping[str, str]) -> Any:
+    """Load the model of one exported Triton model instance; called from ``model.py``'s ``initialize``.
+
+    Args:
+        args: the Python backend's ``initialize`` arguments (``model_repository`` is the model's
+            folder, ``model_version``, ``model_instance_kind``, ``model_instance_device_id``).
+
+    Returns:
+        The :class:`FsarModel` in eval mode on the instance's device (``cuda:<id>`` or CPU).
+        Backbone weights come from ``$FSAR_PRETRAINED`` when set (same weights, another place).
+    """
+    import torch
+
+    from training.checkpoint import load_checkpoint
+
+    version_dir = Path(args["model_repository"]) / str(args["model_version"])
+    checkpoint = version_dir / CHECKPOINT_FILE
+    if not checkpoint.is_file():
+        raise FileNotFoundError(
+            f"{version_dir} has no {CHECKPOINT_FILE}: this is a placeholder (or incomplete) model repository. "
+            f"Export a checkpoint into it: fsar export --checkpoint CKPT --repository "
+            f"{Path(args['model_repository']).parent} --version {args['model_version']}")
+    if args.get("model_instance_kind", "CPU") == "GPU":
+        if not torch.cuda.is_available():
+            raise RuntimeError("this model has a KIND_GPU instance but torch sees no CUDA device; "
+                               "export with --instance-kind cpu for a CPU-only server")
+        device = torch.device(f"cuda:{int(args.get('model_instance_device_id', 0))}")
+    else:
+        device = torch.device("cpu")
+    model, _ = load_checkpoint(checkpoint, pretrained_override=os.environ.get(PRETRAINED_ENV) or None,
+                               map_location=device)
+    return model
+
+
+def run_merged(fn: Callable[..., np.ndarray], parts: Sequence[Sequence[np.ndarray]]) -> List[Union[np.ndarray, Exception]]:
+    """Run ``fn`` once over several requests' rows and split the result back per request.
+
+    Args:
+        fn: takes arrays whose first axis is rows (as many arrays as each part has) and returns an
+            array with one row per input row.
+        parts: one tuple of arrays per request (same arity; first axis = that request's rows).
+
+    Returns:
+        Per request, its rows of ``fn``'s output, or the exception that request caused: when the
+        merged call fails, each request runs alone so only the failing ones get an error.
+    """
+    if not parts:
+        return []
+    sizes = [len(part[0]) for part in parts]
+    try:
+        merged = [np.concatenate([part[i] for part in parts]) for i in range(len(parts[0]))]
+        output = fn(*merged)
+        return list(np.split(output, np.cumsum(sizes)[:-1]))
+    except Exception as err:  # noqa: BLE001 - isolate the failing request(s)
+        if len(parts) == 1:
+            return [err]
+    results: List[Union[np.ndarray, Exception]] = []
+    for part in parts:
+        try:
+            results.append(fn(*part))
+        except Exception as err:  # noqa: BLE001
+            results.append(err)
+    return results
+
+
+def encode_texts(model: Any, labels: np.ndarray) -> np.ndarray:
+    """BYTES labels ``[N, 1]`` (or ``[N]``) -> text features FP32 ``[N, D]``."""
+    import torch
+
+    texts = [value.decode("utf-8") if isinstance(value, bytes) else str(value) for value in labels.reshape(-1)]
+    with torch.inference_mode():
+        return model.encode_text(texts).float().cpu().numpy()
+
+
+def encode_videos(model: Any, frames: np.ndarray, text_feats: Optional[np.ndarray] = None) -> np.ndarray:
+    """uint8 frames ``[B, T, H, W, 3]`` (+ FP32 support text features ``[B, D]``) -> FP32 ``[B, T, D]``."""
+    import torch
+
+    with torch.inference_mode():
+        texts = None if text_feats is None else _to_model(model, text_feats)
+        return model.encode_video(torch.from_numpy(np.ascontiguousarray(frames)), texts=texts).float().cpu().numpy()
+
+
+def fewshot_op(model: Any, op: str, inputs: Mapping[str, Optional[np.ndarray]]) -> Dict[str, np.ndarray]:
+    """One ``fewshot_head`` request: ``op`` with the named inputs (None when absent) -> named outputs.
+
+    ``prototypes``: SUPPORT_FEATS [S,T,D], SUPPORT_LABELS [S], TEXT_FEATS [N,D] -> PROTOTYPES [N,T,D].
+    ``classify``: QUERY_FEATS [Q,T,D], PROTOTYPES [N,T,D], TEXT_FEATS [N,D] or None -> LOGITS [Q,N].
+    ``zero_shot``: QUERY_FEATS [Q,T,D], TEXT_FEATS [N,D] -> LOGITS [Q,N].
+
+    Raises:
+        ValueError: unknown op, or an input the op needs is missing (the model raises for bad shapes).
+    """
+    import torch
+
+    needs = {"prototypes": ("SUPPORT_FEATS", "SUPPORT_LABELS", "TEXT_FEATS"),
+             "classify": ("QUERY_FEATS", "PROTOTYPES"),
+             "zero_shot": ("QUERY_FEATS", "TEXT_FEATS")}
+    if op not in needs:
+        raise ValueError(f"OP must be one of {', '.join(FEWSHOT_OPS)}; got {op!r}")
+    missing = [name for name in needs[op] if inputs.get(name) is None]
+    if missing:
+        raise ValueError(f"OP {op!r} needs input(s) {', '.join(missing)}")
+    text = inputs.get("TEXT_FEATS")
+    with torch.inference_mode():
+        text_feats = None if text is None else _to_model(model, text)
+        if op == "prototypes":
+            labels = torch.from_numpy(np.ascontiguousarray(inputs["SUPPORT_LABELS"]).astype(np.int64)).to(model.device)
+            prototypes = model.build_prototypes(_to_model(model, inputs["SUPPORT_FEATS"]), labels, text_feats)
+            return {"PROTOTYPES": prototypes.float().cpu().numpy()}
+        queries = _to_model(model, inputs["QUERY_FEATS"])
+        if op == "classify":
+            logits = model.classify(queries, _to_model(model, inputs["PROTOTYPES"]), text_feats)
+        else:
+            logits = model.zero_shot(queries, text_feats)
+        return {"LOGITS": logits.float().cpu().numpy()}
+
+
+def _to_model(model: Any, array: np.ndarray) -> Any:
+    """A float array as a tensor on the model's device and in its dtype."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(array)).to(model.device, model.dtype)
+
+
+# ====================================================================== model.py sources
+_MODEL_PY_HEADER = '''"""Triton Python backend shell for fsar's {name} (written by `fsar export`; do not edit).
+
+initialize loads the checkpoint beside this file through training.checkpoint; execute converts
+Triton tensors to numpy and calls training.export's runtime functions. No model math here.
+"""
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from training.export import {imports}
+
+
+def _error(err):
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{{type(err).__name__}}: {{err}}"))
+
+
+def _respond(name, result):
+    if isinstance(result, Exception):
+        return _error(result)
+    return pb_utils.InferenceResponse([pb_utils.Tensor(name, np.ascontiguousarray(result, dtype=np.float32))])
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.model = load_exported_model(args)
+'''
+
+_MODEL_PY = {
+    "text_encoder": _MODEL_PY_HEADER.format(name="text_encoder", imports="encode_texts, load_exported_model, run_merged") + '''
+    def execute(self, requests):
+        # LABEL: BYTES [b, 1] per request -> TEXT_FEATS: FP32 [b, D]
+        labels = [(pb_utils.get_input_tensor_by_name(request, "LABEL").as_numpy(),) for request in requests]
+        results = run_merged(lambda batch: encode_texts(self.model, batch), labels)
+        return [_respond("TEXT_FEATS", result) for result in results]
+''',
+    "video_encoder": _MODEL_PY_HEADER.format(name="video_encoder", imports="encode_videos, load_exported_model, run_merged") + '''
+    def execute(self, requests):
+        # FRAMES: UINT8 [b, T, H, W, 3] (+ TEXT_FEATS: FP32 [b, D] for support videos) -> FRAME_FEATS: FP32 [b, T, D]
+        queries, supports = [], []
+        for index, request in enumerate(requests):
+            frames = pb_utils.get_input_tensor_by_name(request, "FRAMES").as_numpy()
+            text = pb_utils.get_input_tensor_by_name(request, "TEXT_FEATS")
+            if text is None:
+                queries.append((index, (frames,)))
+            else:
+                supports.append((index, (frames, text.as_numpy())))
+        results = [None] * len(requests)
+        for group in (queries, supports):
+            outputs = run_merged(lambda *batch: encode_videos(self.model, *batch), [parts for _, parts in group])
+            for (index, _), output in zip(group, outputs):
+                results[index] = output
+        return [_respond("FRAME_FEATS", result) for result in results]
+''',
+    "fewshot_head": _MODEL_PY_HEADER.format(name="fewshot_head", imports="fewshot_op, load_exported_model") + '''
+    _INPUTS = ("SUPPORT_FEATS", "SUPPORT_LABELS", "TEXT_FEATS", "QUERY_FEATS", "PROTOTYPES")
+
+    def execute(self, requests):
+        # One episode per request; see config.pbtxt for the inputs each OP takes.
+        responses = []
+        for request in requests:
+            try:
+                op = pb_utils.get_input_tensor_by_name(request, "OP").as_numpy().reshape(-1)[0]
+                op = op.decode("utf-8") if isinstance(op, bytes) else str(op)
+                inputs = {}
+                for name in self._INPUTS:
+                    tensor = pb_utils.get_input_tensor_by_name(request, name)
+                    inputs[name] = None if tensor is None else tensor.as_numpy()
+                outputs = fewshot_op(self.model, op, inputs)
+            except Exception as err:  # the message goes back to the client
+                responses.append(_error(err))
+                continue
+            responses.append(pb_utils.InferenceResponse(
+                [pb_utils.Tensor(name, np.ascontiguousarray(value, dtype=np.float32)) for name, value in outputs.items()]))
+        return responses
+''',
+}
