@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import functools
 import os
 import platform
 import re
@@ -41,7 +42,7 @@ import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Optional, Sequence, Union
+from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
 
 PYTRITON_VERSION = "0.7.0"
 TRITON_VERSION = "2.51.0"
@@ -275,11 +276,15 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _kill_on_parent_death() -> None:
-    """``preexec_fn``: the kernel sends SIGKILL to the server if the starting thread dies."""
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+def _parent_death_signal() -> Callable[[], None]:
+    """A ``preexec_fn`` that asks the kernel to SIGKILL the child when the starting thread dies.
+
+    ``prctl`` is looked up here, in the parent, so the forked child only makes the call (no
+    ``dlopen`` between fork and exec, which could deadlock in a multi-threaded parent).
+    """
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
     pr_set_pdeathsig = 1
-    libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    return functools.partial(prctl, pr_set_pdeathsig, int(signal.SIGKILL))
 
 
 def _kill_group(pgid: int) -> None:
@@ -441,7 +446,7 @@ class LocalTritonServer:
                 self.command(dist),
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 env=self.environment(dist), cwd=str(self.repository),
-                start_new_session=True, preexec_fn=_kill_on_parent_death,
+                start_new_session=True, preexec_fn=_parent_death_signal(),
             )
         pgid = self._proc.pid
         # Runs when this object is collected or, at the latest, when the interpreter exits.
