@@ -1,0 +1,324 @@
+"""decode_clip: an upload in, T upright square RGB frames out, at the least decoding cost.
+
+Steps: check the byte limit; open the container and pick its video stream (header limits);
+index every frame with one demux pass (``index.py``); choose the frames by time
+(``sampling.py``); decode them with the cheapest mix of seeks and forward decoding
+(``sampling.plan_runs``); resize each chosen frame in swscale (short side to ``size``),
+centre-crop it, and turn it upright by its display matrix.
+
+Decoding uses ``thread_type="AUTO"`` (frame and slice threads). Every PyAV/FFmpeg error is
+turned into a :class:`VideoDecodeError`; a seek that lands after its target (a broken index)
+falls back to one sequential pass on a freshly opened container.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator
+from fractions import Fraction
+from typing import TypeVar
+
+import av
+import numpy as np
+from av.container import InputContainer
+from av.video.frame import VideoFrame
+from av.video.reformatter import VideoReformatter
+from av.video.stream import VideoStream
+
+from service.video.errors import CorruptedVideoError, VideoDecodeError, VideoTooLargeError
+from service.video.index import FrameIndex, VideoInfo, describe, open_indexed
+from service.video.sampling import Run, as_generator, plan_runs, sample_positions, seek_cost_for
+from service.video.source import DecodeLimits, Deadline, VideoInput, VideoSource, check_pixels, video_stream
+
+logger = logging.getLogger(__name__)
+
+# Consecutive packets the decoder may reject before the rest of the file counts as unreadable.
+_MAX_DECODE_ERRORS = 8
+
+T = TypeVar("T")
+
+
+# Decoders whose ``skip_frame="NONREF"`` can be switched per packet and skips exactly the
+# frames no other frame references (checked bit-exact in tests/service/test_video.py).
+# libdav1d (AV1), for one, reads the setting once when it opens.
+SKIPS_NON_REFERENCE_FRAMES = frozenset({"h264", "hevc", "mpeg4", "mpeg2video", "vp8", "vp9"})
+
+
+class _SeekMissed(Exception):
+    """A seek landed after its target: the container's index cannot be trusted."""
+
+
+class _SkippedTarget(Exception):
+    """A target frame did not come out of a decoder told to skip non-reference frames."""
+
+
+def guarded(work: Callable[[], T]) -> T:
+    """Run ``work``; any exception that is not already a ``VideoDecodeError`` becomes one."""
+    try:
+        return work()
+    except VideoDecodeError:
+        raise
+    except MemoryError as exc:
+        raise VideoTooLargeError("decoding the video needs more memory than is available") from exc
+    except Exception as exc:  # PyAV/FFmpeg errors, and anything odd input provokes
+        logger.warning("video decode failed: %r", exc, exc_info=isinstance(exc, (AssertionError, KeyError)))
+        reason = exc.strerror if isinstance(exc, av.FFmpegError) and exc.strerror else type(exc).__name__
+        raise CorruptedVideoError(f"the video cannot be decoded ({reason})") from exc
+
+
+def decode_clip(
+    source: VideoSource,
+    num_frames: int = 8,
+    size: int = 224,
+    mode: str = "test",
+    rng: np.random.Generator | int | None = None,
+    *,
+    limits: DecodeLimits | None = None,
+    fast: bool = False,
+    strategy: str = "auto",
+) -> np.ndarray:
+    """Sample ``num_frames`` frames of a video: uint8 ``[T, size, size, 3]`` RGB, upright.
+
+    - ``source``: bytes, a path, or a binary file object (read from its current position).
+    - ``mode``: ``"test"``, the frame shown at the centre of each of T equal time segments;
+      ``"train"``, the frame shown at a random time in each segment (``rng``: a numpy
+      Generator, an int seed, or None).
+    - Frames: short side resized to ``size`` in swscale (bicubic, as CLIP preprocesses),
+      centre-cropped to ``size x size``, rotated upright by the display matrix.
+    - ``fast``: take the keyframe nearest each sampling time instead (decodes only
+      keyframes: several times cheaper on long GOPs, frames up to half a GOP off).
+    - ``strategy``: how to reach the frames; ``"auto"`` picks per file by keyframe spacing
+      (see ``service.video.sampling``); ``"seek"`` / ``"sequential"`` force one way (same frames).
+    - ``limits``: :class:`DecodeLimits` (defaults: 200 MiB, 4096x4096 pixels, 10 min,
+      30 s of decoding).
+
+    Raises a :class:`VideoDecodeError` subclass for every bad upload (never another
+    exception for bad bytes); ``ValueError``/``TypeError`` for bad arguments, ``OSError``
+    for an unreadable path.
+    """
+    if not isinstance(num_frames, (int, np.integer)) or num_frames < 1:
+        raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
+    if not isinstance(size, (int, np.integer)) or size < 1:
+        raise ValueError(f"size must be a positive int, got {size!r}")
+    if mode not in ("test", "train"):
+        raise ValueError(f"mode must be 'test' or 'train', got {mode!r}")
+    seek_cost = seek_cost_for(strategy, keyframes_only=fast)
+    generator = as_generator(rng) if mode == "train" else None
+    limits = limits or DecodeLimits()
+    deadline = Deadline(limits.time_budget_s)
+    video_input = VideoInput(source, limits)
+
+    def work() -> np.ndarray:
+        container, stream, index = open_indexed(video_input, limits, deadline)
+        positions = sample_positions(index, int(num_frames), mode, generator, keyframes_only=fast)
+        use_seeks = True
+        skip_non_reference = not fast and stream.codec_context.name in SKIPS_NON_REFERENCE_FRAMES
+        # At most three attempts: each failure switches off the shortcut that caused it and
+        # starts again on a freshly opened container.
+        for attempt in range(3):
+            if attempt:
+                container = video_input.open()
+                stream = video_stream(container, video_input.looks_like)
+            runs = plan_runs(index, positions, seek_cost if use_seeks else math.inf, keyframes_only=fast)
+            collector = _Collector(stream, index, int(size), limits, deadline, fast, skip_non_reference)
+            try:
+                with container:
+                    chosen = collector.collect(container, runs, fresh=attempt > 0)
+                break
+            except (_SeekMissed, av.FFmpegError) as exc:
+                if not use_seeks:
+                    raise
+                logger.info("seeking failed (%r); decoding in one pass instead", exc)
+                use_seeks = False
+            except _SkippedTarget as exc:
+                logger.info("%s; decoding again without skipping frames", exc)
+                skip_non_reference = False
+        missing = sorted({int(p) for p in positions} - chosen.keys())
+        if missing:
+            raise CorruptedVideoError("no frame of the video could be decoded")
+        return np.stack([chosen[int(p)] for p in positions])
+
+    return guarded(work)
+
+
+def probe(source: VideoSource, *, limits: DecodeLimits | None = None) -> VideoInfo:
+    """Describe a video without sampling it (sizes, codec, duration, frame and keyframe
+    counts, rotation). Indexes the stream and decodes its first frame. Raises like
+    :func:`decode_clip`."""
+    limits = limits or DecodeLimits()
+    deadline = Deadline(limits.time_budget_s)
+    video_input = VideoInput(source, limits)
+
+    def work() -> VideoInfo:
+        container, stream, index = open_indexed(video_input, limits, deadline)
+        with container:
+            container.seek(index.start_pts, stream=stream, backward=True)
+            rotation = 0
+            for frame in _decoded_frames(container, stream, limits, deadline):
+                rotation = (round(frame.rotation / 90) * 90 + 179) % 360 - 179  # one of -90, 0, 90, 180
+                break
+            return describe(container, stream, index, rotation)
+
+    return guarded(work)
+
+
+def frame_to_square(
+    frame: VideoFrame,
+    size: int,
+    sample_aspect: Fraction | None = None,
+    reformatter: VideoReformatter | None = None,
+) -> np.ndarray:
+    """One decoded frame as uint8 ``[size, size, 3]`` RGB: short side (in display pixels)
+    scaled to ``size`` by swscale (bicubic), centre crop, then turned upright by
+    ``frame.rotation``. Pass one ``reformatter`` for all frames of a video: it keeps the
+    swscale context, which costs more to set up than a conversion."""
+    width, height = frame.width, frame.height
+    display_width = width * float(sample_aspect) if sample_aspect and sample_aspect > 0 else float(width)
+    scale = size / min(display_width, height)
+    out_width = max(size, round(display_width * scale))
+    out_height = max(size, round(height * scale))
+    reformatter = reformatter or VideoReformatter()
+    rgb = reformatter.reformat(
+        frame, width=out_width, height=out_height, format="rgb24", interpolation="BICUBIC"
+    ).to_ndarray()
+    top, left = (out_height - size) // 2, (out_width - size) // 2
+    square = rgb[top : top + size, left : left + size]
+    quarter_turns = round(frame.rotation / 90) % 4  # counter-clockwise, FFmpeg's convention
+    return np.ascontiguousarray(np.rot90(square, k=quarter_turns) if quarter_turns else square)
+
+
+def _decoded_frames(
+    container: InputContainer,
+    stream: VideoStream,
+    limits: DecodeLimits,
+    deadline: Deadline,
+    keyframes_only: bool = False,
+    wanted_pts: frozenset[int] | None = None,
+) -> Iterator[VideoFrame]:
+    """Frames in display order from the container's current position to the end of the
+    readable data: the end of the file, a read error, a corrupt (cut-off) packet, or more
+    than a few packets in a row that the decoder rejects. At an early end the decoder is
+    drained, so the frames it holds back for reordering still come out.
+
+    With ``keyframes_only`` only keyframe packets are decoded. With ``wanted_pts``, the
+    decoder skips the non-reference frames (``skip_frame="NONREF"``: B-frames mostly, no
+    other frame depends on them) whose pts is not wanted: about half the frames of a
+    typical H.264 file, with bit-identical results for the others."""
+    packets = container.demux(stream)
+    codec_context = stream.codec_context
+    errors_in_a_row = 0
+    try:
+        for packet in packets:
+            deadline.check()
+            if packet.is_corrupt:
+                break
+            if keyframes_only and packet.size and not packet.is_keyframe:
+                continue
+            if wanted_pts is not None:
+                codec_context.skip_frame = "DEFAULT" if packet.pts in wanted_pts else "NONREF"
+            try:
+                frames = packet.decode()
+            except av.FFmpegError:
+                errors_in_a_row += 1
+                if errors_in_a_row > _MAX_DECODE_ERRORS:
+                    break
+                continue
+            errors_in_a_row = 0
+            for frame in frames:
+                check_pixels(frame.width, frame.height, limits)
+                yield frame
+            if packet.size == 0:  # the flush packet at the end of the file: decoder drained
+                return
+    except av.FFmpegError:  # a read error: the readable part ends here
+        pass
+    finally:
+        packets.close()
+    try:
+        drained = stream.codec_context.decode(None)
+    except av.FFmpegError:
+        return
+    for frame in drained:
+        check_pixels(frame.width, frame.height, limits)
+        yield frame
+
+
+class _Collector:
+    """Executes decode runs and converts the target frames."""
+
+    def __init__(
+        self,
+        stream: VideoStream,
+        index: FrameIndex,
+        size: int,
+        limits: DecodeLimits,
+        deadline: Deadline,
+        keyframes_only: bool,
+        skip_non_reference: bool,
+    ) -> None:
+        self.stream, self.index, self.size = stream, index, size
+        self.limits, self.deadline = limits, deadline
+        self.sample_aspect = stream.codec_context.sample_aspect_ratio
+        self.reformatter = VideoReformatter()
+        self.keyframes_only, self.skip_non_reference = keyframes_only, skip_non_reference
+        stream.codec_context.thread_type = "AUTO"
+
+    def collect(self, container: InputContainer, runs: list[Run], *, fresh: bool) -> dict[int, np.ndarray]:
+        """Decode ``runs`` in order; ``{position: [size, size, 3] frame}`` for every target
+        that could be decoded. ``fresh``: nothing was read from ``container`` yet."""
+        chosen: dict[int, np.ndarray] = {}
+        wanted_pts = None
+        if self.skip_non_reference:
+            wanted_pts = frozenset(int(self.index.pts[position]) for run in runs for position in run.targets)
+        frames: Iterator[VideoFrame] | None = None
+        previous: VideoFrame | None = None
+        previous_ts: int | None = None
+        for run in runs:
+            just_sought = False
+            if run.seek_to is not None and not (fresh and run.seek_to == 0 and frames is None):
+                if frames is not None:
+                    frames.close()
+                container.seek(int(self.index.pts[run.seek_to]), stream=self.stream, backward=True)
+                frames, previous, previous_ts, just_sought = None, None, None, True
+            if frames is None:
+                frames = _decoded_frames(
+                    container, self.stream, self.limits, self.deadline, self.keyframes_only, wanted_pts
+                )
+            target_pts = [int(self.index.pts[position]) for position in run.targets]
+            next_target = 0
+            for frame in frames:
+                ts = _timestamp(frame, previous_ts)
+                if just_sought and ts > target_pts[0]:
+                    raise _SeekMissed(f"seek to {target_pts[0]} landed at {ts}")
+                just_sought = False
+                while next_target < len(target_pts) and ts >= target_pts[next_target]:
+                    # The frame shown at the target time: this one if it starts exactly
+                    # there, else the one before it (a frame the index has but the decoder
+                    # did not return).
+                    exact = ts == target_pts[next_target]
+                    if not exact and wanted_pts is not None:
+                        raise _SkippedTarget(f"the frame at pts {target_pts[next_target]} did not come out")
+                    shown = frame if exact or previous is None else previous
+                    chosen[run.targets[next_target]] = self._square(shown)
+                    next_target += 1
+                previous, previous_ts = frame, ts
+                if next_target == len(target_pts):
+                    break
+            else:  # the readable data ended: later targets show the last frame
+                for position in run.targets[next_target:]:
+                    if previous is not None:
+                        chosen[position] = self._square(previous)
+        if frames is not None:
+            frames.close()
+        return chosen
+
+
+    def _square(self, frame: VideoFrame) -> np.ndarray:
+        return frame_to_square(frame, self.size, self.sample_aspect, self.reformatter)
+
+
+def _timestamp(frame: VideoFrame, previous_ts: int | None) -> int:
+    """The frame's pts; a frame without one is taken to follow the previous frame."""
+    if frame.pts is not None:
+        return int(frame.pts)
+    return (previous_ts + 1) if previous_ts is not None else 0
