@@ -70,6 +70,50 @@ def synth_cmd(
     typer.echo(json.dumps(summary, indent=2, default=str))
 
 
+# --------------------------------------------------------------------------- serve
+@app.command("serve")
+def serve_cmd(
+    host: Optional[str] = typer.Option(None, help="Bind address (env FSAR_HOST, default 127.0.0.1)."),
+    port: Optional[int] = typer.Option(None, help="HTTP port (env FSAR_PORT, default 8000)."),
+    backbone: Optional[str] = typer.Option(None, help="open_clip backbone (env FSAR_BACKBONE, default ViT-B-16)."),
+    pretrained: Optional[str] = typer.Option(
+        None, help="Pretrained tag, local weights file, or 'none' (env FSAR_PRETRAINED, default openai)."),
+    checkpoint: Optional[Path] = typer.Option(
+        None, help="Adapted checkpoint from `fsar train` (overrides backbone/pretrained) (env FSAR_CHECKPOINT)."),
+    backend: Optional[str] = typer.Option(None, help="embedded | triton (env FSAR_BACKEND, default embedded)."),
+    triton_url: Optional[str] = typer.Option(None, help="Triton gRPC host:port (env FSAR_TRITON_URL)."),
+    redis_url: Optional[str] = typer.Option(
+        None, help="redis://host:port/db; unset = in-process store (lost on restart) (env FSAR_REDIS_URL)."),
+    workers: Optional[int] = typer.Option(None, help="uvicorn worker processes (>1 needs Redis) (env FSAR_WORKERS)."),
+) -> None:
+    """Run the HTTP gateway (settings from flags, then FSAR_* environment variables, then defaults)."""
+    from service.server import serve
+    from service.settings import Settings
+
+    settings = Settings.from_cli(host=host, port=port, backbone=backbone, pretrained=pretrained,
+                                 checkpoint=str(checkpoint) if checkpoint else None, backend=backend,
+                                 triton_url=triton_url, redis_url=redis_url, workers=workers)
+    serve(settings)
+
+
+# --------------------------------------------------------------------------- export
+@app.command("export")
+def export_cmd(
+    checkpoint: Path = typer.Option(..., help="Checkpoint written by `fsar train` (last.pt / best.pt)."),
+    repository: Path = typer.Option(Path("model_repository"), help="Triton model repository to write into."),
+    version: int = typer.Option(1, help="Model version folder to write."),
+    instance_kind: str = typer.Option("gpu", help="gpu | cpu: Triton instance_group kind."),
+    max_batch_size: int = typer.Option(64, help="max_batch_size of the encoders."),
+    queue_delay_us: int = typer.Option(2000, help="Dynamic-batching queue delay of the encoders (microseconds)."),
+) -> None:
+    """Export a checkpoint as Triton Python-backend models: text_encoder, video_encoder, fewshot_head."""
+    from training.export import export_repository
+
+    summary = export_repository(checkpoint, repository, version=version, instance_kind=instance_kind,
+                                max_batch_size=max_batch_size, queue_delay_us=queue_delay_us)
+    typer.echo(json.dumps(summary, indent=2, default=str))
+
+
 # --------------------------------------------------------------------------- bench
 @bench_app.command("decode")
 def bench_decode_cmd(
@@ -84,11 +128,21 @@ def bench_decode_cmd(
         workdir=str(workdir) if workdir else None)
 
 
+def _is_user_error(err: BaseException) -> bool:
+    """Our own error types (bad config, missing weights, bad data...) carry a complete message."""
+    if isinstance(err, CliError):
+        return True
+    module = type(err).__module__ or ""
+    return module.startswith(("training.", "service.", "bench.")) and isinstance(err, (ValueError, RuntimeError, OSError))
+
+
 def main(argv: Optional[List[str]] = None) -> None:
-    """Console entry point: turn known user-facing errors into one readable line and exit 2."""
+    """Console entry point: turn our user-facing errors into one readable line and exit 2."""
     try:
         app(args=argv, standalone_mode=True)
-    except CliError as err:
+    except Exception as err:  # noqa: BLE001 - anything else keeps its traceback
+        if not _is_user_error(err):
+            raise
         typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
         sys.exit(2)
 
