@@ -27,6 +27,19 @@ def app_from_env() -> FastAPI:
     return create_app(settings)
 
 
+def _preflight(settings: Settings) -> None:
+    """Fail before uvicorn starts when the embedded model's backbone weights cannot be had.
+
+    Inside uvicorn the same error would arrive wrapped in a start-up traceback; here it reaches the
+    CLI as one actionable sentence. (Checkpoints are checked by `load_checkpoint` at start-up.)
+    """
+    if settings.backend != "embedded" or settings.checkpoint:
+        return
+    from training.model.backbone import check_pretrained_available
+
+    check_pretrained_available(settings.backbone, settings.pretrained)
+
+
 def _setup_logging(settings: Settings) -> None:
     logging.basicConfig(level=settings.log_level_number,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -39,6 +52,7 @@ def serve(settings: Settings) -> None:
     import uvicorn
 
     _setup_logging(settings)
+    _preflight(settings)
     log = logging.getLogger("service.server")
     log.info("fsar gateway on http://%s:%d (backend=%s, workers=%d)", settings.host, settings.port,
              settings.backend, settings.workers)

@@ -137,6 +137,36 @@ def load_backbone(name: str, pretrained: Optional[str] = "openai", quick_gelu: O
     )
 
 
+def check_pretrained_available(name: str, pretrained: Optional[str]) -> None:
+    """Fail fast, without building the model, when ``pretrained`` cannot be had on this host.
+
+    Cheap pre-flight for servers: raises the same one-sentence ``PretrainedWeightsError`` (or
+    ``BackboneError``) that :func:`load_backbone` would, before any process spends time starting.
+    """
+    _check_model_config(name)
+    if pretrained is None:
+        return
+    if _looks_like_path(pretrained):
+        path = Path(pretrained).expanduser()
+        if not path.is_file():
+            raise PretrainedWeightsError(f"Pretrained weights file {str(path)!r} for {name} does not exist.")
+        return
+    tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
+    if not tag_cfg:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        raise PretrainedWeightsError(
+            f"Pretrained value {pretrained!r} is neither a weights file nor a known tag for {name} "
+            f"(known tags: {', '.join(tags) if tags else 'none'}).")
+    if _cached_weights_file(tag_cfg) is None and _offline(_download_host(tag_cfg)):
+        raise PretrainedWeightsError(_offline_message(name, pretrained))
+
+
+def _offline_message(name: str, tag: str) -> str:
+    return (f"Pretrained weights {tag!r} for {name} are not cached and cannot be downloaded (offline). "
+            f"Download them on a connected host (they land in ~/.cache/huggingface) or pass "
+            f"--pretrained /path/to/weights.pt (an open_clip state_dict).")
+
+
 # ---------------------------------------------------------------------- weights sources
 def _looks_like_path(pretrained: str) -> bool:
     return (os.sep in pretrained or pretrained.startswith(".") or pretrained.startswith("~")
@@ -170,10 +200,7 @@ def _create_from_tag(name: str, tag: str, quick_gelu: Optional[bool]) -> Tuple[n
         return _create_from_file(name, cached, quick_gelu, preprocess), f"tag:{tag} ({cached})"
     host = _download_host(tag_cfg)
     if _offline(host):
-        raise PretrainedWeightsError(
-            f"Pretrained weights {tag!r} for {name} are not cached and cannot be downloaded (offline). "
-            f"Download them on a connected host (they land in ~/.cache/huggingface) or pass "
-            f"--pretrained /path/to/weights.pt (an open_clip state_dict).")
+        raise PretrainedWeightsError(_offline_message(name, tag))
     try:
         clip = open_clip.create_model(name, pretrained=tag, force_quick_gelu=quick_gelu)
     except RuntimeError as err:
