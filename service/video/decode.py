@@ -6,13 +6,19 @@ index every frame with one demux pass (``index.py``); choose the frames by time
 (``sampling.plan_runs``); resize each chosen frame in swscale (short side to ``size``),
 centre-crop it, and turn it upright by its display matrix.
 
-Decoding uses ``thread_type="AUTO"`` (frame and slice threads). Every PyAV/FFmpeg error is
-turned into a :class:`VideoDecodeError`; a seek that lands after its target (a broken index)
-falls back to one sequential pass on a freshly opened container.
+Cheap decoding: ``thread_type="AUTO"`` (frame and slice threads); a run of targets ends by
+draining the decoder as soon as the last target's packet is in, instead of feeding it
+frames nobody needs; with decoders that support it, non-reference frames that are not
+targets are skipped (``skip_frame="NONREF"``). Frames are bit-identical to decoding every
+frame. Safety nets, each on a freshly opened container: a seek that lands after its target
+(a broken index) falls back to one sequential pass; a target missing while frames were
+skipped decodes again without skipping. Every PyAV/FFmpeg error becomes a
+:class:`VideoDecodeError`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -134,6 +140,8 @@ def decode_clip(
             except _SkippedTarget as exc:
                 logger.info("%s; decoding again without skipping frames", exc)
                 skip_non_reference = False
+        else:  # unreachable: each retry switches off one shortcut, the last raises
+            raise CorruptedVideoError("the video cannot be decoded")
         missing = sorted({int(p) for p in positions} - chosen.keys())
         if missing:
             raise CorruptedVideoError("no frame of the video could be decoded")
@@ -153,12 +161,13 @@ def probe(source: VideoSource, *, limits: DecodeLimits | None = None) -> VideoIn
     def work() -> VideoInfo:
         container, stream, index = open_indexed(video_input, limits, deadline)
         with container:
-            container.seek(index.start_pts, stream=stream, backward=True)
-            rotation = 0
-            for frame in _decoded_frames(container, stream, limits, deadline):
+            info = describe(container, stream, index, rotation=0)
+        with video_input.open() as container:
+            stream = video_stream(container, video_input.looks_like)
+            for frame in _decoded_frames(container, stream, limits, deadline, frozenset({index.start_pts})):
                 rotation = (round(frame.rotation / 90) * 90 + 179) % 360 - 179  # one of -90, 0, 90, 180
-                break
-            return describe(container, stream, index, rotation)
+                return dataclasses.replace(info, rotation=rotation)
+        return info
 
     return guarded(work)
 
@@ -193,30 +202,38 @@ def _decoded_frames(
     stream: VideoStream,
     limits: DecodeLimits,
     deadline: Deadline,
+    wanted_pts: frozenset[int],
+    *,
     keyframes_only: bool = False,
-    wanted_pts: frozenset[int] | None = None,
+    skip_non_reference: bool = False,
 ) -> Iterator[VideoFrame]:
-    """Frames in display order from the container's current position to the end of the
-    readable data: the end of the file, a read error, a corrupt (cut-off) packet, or more
-    than a few packets in a row that the decoder rejects. At an early end the decoder is
-    drained, so the frames it holds back for reordering still come out.
+    """Frames in display order from the container's current position, until the packets of
+    all ``wanted_pts`` have been sent to the decoder or the readable data ends (end of file,
+    read error, corrupt cut-off packet, more than a few packets in a row the decoder
+    rejects). Then the decoder is drained: the frames it holds back (B-frame reordering,
+    frame threads) come out without feeding it packets nobody needs. A drained decoder
+    takes new packets only after a seek.
 
-    With ``keyframes_only`` only keyframe packets are decoded. With ``wanted_pts``, the
-    decoder skips the non-reference frames (``skip_frame="NONREF"``: B-frames mostly, no
-    other frame depends on them) whose pts is not wanted: about half the frames of a
-    typical H.264 file, with bit-identical results for the others."""
+    - ``keyframes_only``: only keyframe packets reach the decoder.
+    - ``skip_non_reference``: the decoder skips the non-reference frames
+      (``skip_frame="NONREF"``: B-frames mostly; no other frame depends on them) that are
+      not wanted: about half the frames of a typical H.264 file, the others bit-identical.
+    """
     packets = container.demux(stream)
     codec_context = stream.codec_context
+    unsent = set(wanted_pts)
     errors_in_a_row = 0
     try:
         for packet in packets:
             deadline.check()
-            if packet.is_corrupt:
+            if packet.is_corrupt or packet.size == 0:  # cut off, or the end-of-file marker
                 break
-            if keyframes_only and packet.size and not packet.is_keyframe:
+            if keyframes_only and not packet.is_keyframe:
                 continue
-            if wanted_pts is not None:
-                codec_context.skip_frame = "DEFAULT" if packet.pts in wanted_pts else "NONREF"
+            packet_ts = packet.pts if packet.pts is not None else packet.dts
+            if skip_non_reference:
+                codec_context.skip_frame = "DEFAULT" if packet_ts in wanted_pts else "NONREF"
+            unsent.discard(packet_ts)
             try:
                 frames = packet.decode()
             except av.FFmpegError:
@@ -228,14 +245,14 @@ def _decoded_frames(
             for frame in frames:
                 check_pixels(frame.width, frame.height, limits)
                 yield frame
-            if packet.size == 0:  # the flush packet at the end of the file: decoder drained
-                return
+            if not unsent:
+                break
     except av.FFmpegError:  # a read error: the readable part ends here
         pass
     finally:
         packets.close()
     try:
-        drained = stream.codec_context.decode(None)
+        drained = codec_context.decode(None)
     except av.FFmpegError:
         return
     for frame in drained:
@@ -265,53 +282,52 @@ class _Collector:
 
     def collect(self, container: InputContainer, runs: list[Run], *, fresh: bool) -> dict[int, np.ndarray]:
         """Decode ``runs`` in order; ``{position: [size, size, 3] frame}`` for every target
-        that could be decoded. ``fresh``: nothing was read from ``container`` yet."""
+        that could be decoded. ``fresh``: nothing was read from ``container`` yet, so a
+        first run from position 0 needs no seek."""
         chosen: dict[int, np.ndarray] = {}
-        wanted_pts = None
-        if self.skip_non_reference:
-            wanted_pts = frozenset(int(self.index.pts[position]) for run in runs for position in run.targets)
-        frames: Iterator[VideoFrame] | None = None
-        previous: VideoFrame | None = None
-        previous_ts: int | None = None
-        for run in runs:
-            just_sought = False
-            if run.seek_to is not None and not (fresh and run.seek_to == 0 and frames is None):
-                if frames is not None:
-                    frames.close()
+        for number, run in enumerate(runs):
+            sought = not (fresh and number == 0 and run.seek_to == 0)
+            if sought:
                 container.seek(int(self.index.pts[run.seek_to]), stream=self.stream, backward=True)
-                frames, previous, previous_ts, just_sought = None, None, None, True
-            if frames is None:
-                frames = _decoded_frames(
-                    container, self.stream, self.limits, self.deadline, self.keyframes_only, wanted_pts
-                )
             target_pts = [int(self.index.pts[position]) for position in run.targets]
-            next_target = 0
-            for frame in frames:
-                ts = _timestamp(frame, previous_ts)
-                if just_sought and ts > target_pts[0]:
-                    raise _SeekMissed(f"seek to {target_pts[0]} landed at {ts}")
-                just_sought = False
-                while next_target < len(target_pts) and ts >= target_pts[next_target]:
-                    # The frame shown at the target time: this one if it starts exactly
-                    # there, else the one before it (a frame the index has but the decoder
-                    # did not return).
-                    exact = ts == target_pts[next_target]
-                    if not exact and wanted_pts is not None:
-                        raise _SkippedTarget(f"the frame at pts {target_pts[next_target]} did not come out")
-                    shown = frame if exact or previous is None else previous
-                    chosen[run.targets[next_target]] = self._square(shown)
-                    next_target += 1
-                previous, previous_ts = frame, ts
-                if next_target == len(target_pts):
-                    break
-            else:  # the readable data ended: later targets show the last frame
-                for position in run.targets[next_target:]:
-                    if previous is not None:
-                        chosen[position] = self._square(previous)
-        if frames is not None:
-            frames.close()
+            frames = _decoded_frames(
+                container, self.stream, self.limits, self.deadline, frozenset(target_pts),
+                keyframes_only=self.keyframes_only, skip_non_reference=self.skip_non_reference,
+            )
+            try:
+                self._collect_run(frames, run, target_pts, chosen, sought)
+            finally:
+                frames.close()
         return chosen
 
+    def _collect_run(
+        self, frames: Iterator[VideoFrame], run: Run, target_pts: list[int], chosen: dict[int, np.ndarray], sought: bool
+    ) -> None:
+        previous: VideoFrame | None = None
+        previous_ts: int | None = None
+        next_target = 0
+        for frame in frames:
+            ts = _timestamp(frame, previous_ts)
+            if sought and previous is None and ts > target_pts[0]:
+                raise _SeekMissed(f"seek to {target_pts[0]} landed at {ts}")
+            while next_target < len(target_pts) and ts >= target_pts[next_target]:
+                # The frame shown at the target time: this one if it starts exactly there,
+                # else the one before it (a frame the index has but the decoder did not return).
+                exact = ts == target_pts[next_target]
+                if not exact and self.skip_non_reference:
+                    raise _SkippedTarget(f"the frame at pts {target_pts[next_target]} did not come out")
+                shown = frame if exact or previous is None else previous
+                chosen[run.targets[next_target]] = self._square(shown)
+                next_target += 1
+            previous, previous_ts = frame, ts
+            if next_target == len(target_pts):
+                return
+        # The readable data ended before the last targets: they show the last frame.
+        if next_target < len(target_pts) and self.skip_non_reference:
+            raise _SkippedTarget(f"the frame at pts {target_pts[next_target]} did not come out")
+        for position in run.targets[next_target:]:
+            if previous is not None:
+                chosen[position] = self._square(previous)
 
     def _square(self, frame: VideoFrame) -> np.ndarray:
         return frame_to_square(frame, self.size, self.sample_aspect, self.reformatter)

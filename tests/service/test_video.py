@@ -26,11 +26,14 @@ from service.video import decode as decode_module
 from service.video.index import FrameIndex
 from service.video.sampling import SEEK_COST_FRAMES, plan_runs, sample_positions
 from tests.media import (
+    MAX_INDEX,
     expected_centre_indices,
+    frame_pattern,
     make_audio_only,
     make_gif,
     make_png,
     make_video,
+    make_video_bytes,
     read_index,
 )
 
@@ -39,6 +42,18 @@ SIZE = 64  # output side in most tests: small and fast, still 4 px per band
 
 def indices(frames: np.ndarray) -> list[int]:
     return [read_index(frame) for frame in frames]
+
+
+def test_the_index_pattern_reads_back_only_upright():
+    """The factory's own contract: any centre crop keeps the index; a turned frame is refused."""
+    for index, (width, height) in [(0, (64, 48)), (MAX_INDEX, (48, 64)), (1234, (300, 32)), (77, (32, 300))]:
+        pattern = frame_pattern(index, width, height)
+        side = min(width, height)
+        top, left = (height - side) // 2, (width - side) // 2
+        assert read_index(pattern) == read_index(pattern[top : top + side, left : left + side]) == index
+        for turns in (1, 2, 3):
+            with pytest.raises(ValueError):
+                read_index(np.rot90(pattern, turns))
 
 
 @pytest.fixture(scope="module")
@@ -202,6 +217,7 @@ def test_accepts_bytes_paths_and_file_objects(format_files):
 
     with open(path, "rb") as file:
         from_file = decode_clip(file, 8, SIZE)
+    assert indices(decode_clip(make_video_bytes(".mkv", codec="mjpeg", num_frames=20), 8, SIZE)) == indices(expected)
     for frames in (decode_clip(str(path), 8, SIZE), decode_clip(data, 8, SIZE), decode_clip(bytearray(data), 8, SIZE),
                    decode_clip(io.BytesIO(data), 8, SIZE), decode_clip(Unseekable(data), 8, SIZE), from_file):
         assert np.array_equal(frames, expected)
