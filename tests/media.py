@@ -27,11 +27,14 @@ Typical use::
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import tempfile
 from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
+from typing import BinaryIO
 
 import av
 import numpy as np
@@ -148,6 +151,7 @@ def make_video(
     vfr_timestamps: Sequence[float] | None = None,
     rotation: int | None = None,
     faststart: bool = False,
+    live: bool = False,
     first_index: int = 0,
 ) -> Path:
     """Write a real video whose frame i shows index ``first_index + i``; returns the path.
@@ -163,6 +167,8 @@ def make_video(
       other way, so a player that honours the display matrix shows the upright pattern.
     - ``faststart``: mp4/mov only, put the index (moov) before the data, as web uploads do;
       a truncated faststart file keeps its index.
+    - ``live``: write through a non-seekable sink, as live recorders (a browser's
+      MediaRecorder) do: a WebM/MKV then declares no duration and has no seek index (cues).
     """
     path = Path(path)
     if vfr_timestamps is not None:
@@ -179,7 +185,14 @@ def make_video(
     format_name = container or _FORMAT_BY_SUFFIX.get(path.suffix.lower())
     container_options = {"movflags": "+faststart"} if faststart else {}
     rate = Fraction(fps).limit_denominator(1001)
-    with av.open(str(path), "w", format=format_name, options=container_options) as output:
+    with contextlib.ExitStack() as stack:
+        if live:
+            if format_name is None:
+                raise ValueError(f"live writing needs a container name for {path.name}")
+            target: str | _NonSeekableSink = _NonSeekableSink(stack.enter_context(open(path, "wb")))
+        else:
+            target = str(path)
+        output = stack.enter_context(av.open(target, "w", format=format_name, options=container_options))
         stream = output.add_stream(codec, rate=rate)
         stream.width, stream.height = stored_width, stored_height
         stream.pix_fmt = pix_fmt or _DEFAULT_PIX_FMT.get(codec, "yuv420p")
@@ -211,6 +224,22 @@ def make_video(
             output.mux(stream.encode(frame))
         output.mux(stream.encode(None))
     return path
+
+
+class _NonSeekableSink(io.RawIOBase):
+    """A write-only file that cannot seek (a pipe, a network stream)."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self._file = file
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def write(self, data) -> int:
+        return self._file.write(data)
 
 
 def make_video_bytes(suffix: str = ".mp4", **kwargs) -> bytes:

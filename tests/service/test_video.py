@@ -7,6 +7,7 @@ were sampled, that they are upright, and that seeking and one sequential pass ag
 from __future__ import annotations
 
 import io
+import pickle
 import struct
 from fractions import Fraction
 from pathlib import Path
@@ -16,8 +17,15 @@ import numpy as np
 import pytest
 
 from service.video import (
+    CorruptedVideoError,
     DecodeLimits,
+    DecodeTimeoutError,
+    NotAVideoError,
+    NoVideoStreamError,
+    TooManyPixelsError,
     VideoDecodeError,
+    VideoTooLargeError,
+    VideoTooLongError,
     decode_clip,
     frame_to_square,
     probe,
@@ -243,6 +251,17 @@ def test_non_videos_are_refused_with_a_code(media, make, code, status):
     assert caught.value.message and caught.value.to_dict() == {"code": code, "message": caught.value.message}
 
 
+def test_errors_survive_pickling_for_decode_worker_processes():
+    """The gateway's decode pool sends errors back from worker processes."""
+    for error_type in (NotAVideoError, NoVideoStreamError, CorruptedVideoError, DecodeTimeoutError,
+                       VideoTooLargeError, VideoTooLongError, TooManyPixelsError):
+        error = error_type("the reason")
+        copy = pickle.loads(pickle.dumps(error))
+        assert type(copy) is error_type and isinstance(copy, VideoDecodeError)
+        assert (copy.code, copy.message, copy.http_status, str(copy)) == (error.code, "the reason", error.http_status,
+                                                                         "the reason")
+
+
 def _readable_pts(full: Path, cut_size: int) -> list[int]:
     """Presentation timestamps of the packets stored entirely in the first ``cut_size``
     bytes, up to the first packet that is not (what a reader of the cut file can get)."""
@@ -328,12 +347,18 @@ def test_each_limit_raises_its_error(format_files, media):
     assert decode_clip(path, 8, SIZE, limits=at_the_limits).shape == (8, SIZE, SIZE, 3)
 
 
-def test_duration_limit_holds_without_a_declared_duration(media, format_files):
-    # WebM declares no stream duration; the frame index still measures 2 s.
-    with av.open(str(format_files["vp9.webm"])) as container:
-        assert container.streams.video[0].duration is None
+def test_live_recorded_webm_without_duration_or_cues(media):
+    """What a browser's MediaRecorder uploads: no frame count, no duration, no seek index."""
+    path = make_video(media / "live.webm", codec="libvpx-vp9", num_frames=20, fps=10, gop=5, live=True)
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        assert (stream.frames, stream.duration, container.duration) == (0, None, None)
+    for strategy in ("auto", "seek", "sequential"):
+        assert indices(decode_clip(path, 8, SIZE, strategy=strategy)) == expected_centre_indices(20, 8)
+    assert probe(path).duration_s == pytest.approx(2.0)
+    # Nothing declares the duration: the frame index measures it, and the limit still holds.
     with pytest.raises(VideoDecodeError) as caught:
-        decode_clip(format_files["vp9.webm"], limits=DecodeLimits(max_duration_s=1.9))
+        decode_clip(path, limits=DecodeLimits(max_duration_s=1.9))
     assert caught.value.code == "too_long"
 
 
