@@ -51,6 +51,12 @@ T = TypeVar("T")
 SKIPS_NON_REFERENCE_FRAMES = frozenset({"h264", "hevc", "mpeg4", "mpeg2video", "vp8", "vp9"})
 
 
+# Demuxers that seek to the exact keyframe asked for, from an index (MP4/MOV sample tables,
+# Matroska cues or a cluster scan, AVI idx1). Others (MPEG-TS/PS, FLV, raw streams) search by
+# byte position and may land a GOP late: those files are decoded in one forward pass.
+SEEKS_PRECISELY = frozenset({"mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "avi"})
+
+
 class _SeekMissed(Exception):
     """A seek landed after its target: the container's index cannot be trusted."""
 
@@ -118,19 +124,22 @@ def decode_clip(
     def work() -> np.ndarray:
         container, stream, index = open_indexed(video_input, limits, deadline)
         positions = sample_positions(index, int(num_frames), mode, generator, keyframes_only=fast)
-        use_seeks = True
+        use_seeks = container.format.name in SEEKS_PRECISELY
         skip_non_reference = not fast and stream.codec_context.name in SKIPS_NON_REFERENCE_FRAMES
         # At most three attempts: each failure switches off the shortcut that caused it and
-        # starts again on a freshly opened container.
+        # starts again on a freshly opened container. Without seeks the decode also starts on
+        # a fresh container (rewinding an imprecisely seeking format is a seek too).
         for attempt in range(3):
-            if attempt:
+            fresh = attempt > 0 or not use_seeks
+            if fresh:
+                container.close()
                 container = video_input.open()
                 stream = video_stream(container, video_input.looks_like)
             runs = plan_runs(index, positions, seek_cost if use_seeks else math.inf, keyframes_only=fast)
             collector = _Collector(stream, index, int(size), limits, deadline, fast, skip_non_reference)
             try:
                 with container:
-                    chosen = collector.collect(container, runs, fresh=attempt > 0)
+                    chosen = collector.collect(container, runs, fresh=fresh)
                 break
             except (_SeekMissed, av.FFmpegError) as exc:
                 if not use_seeks:
@@ -323,6 +332,8 @@ class _Collector:
             if next_target == len(target_pts):
                 return
         # The readable data ended before the last targets: they show the last frame.
+        if sought and previous is None:
+            raise _SeekMissed(f"no frame came out after seeking to {target_pts[0]}")
         if next_target < len(target_pts) and self.skip_non_reference:
             raise _SkippedTarget(f"the frame at pts {target_pts[next_target]} did not come out")
         for position in run.targets[next_target:]:

@@ -7,6 +7,7 @@ were sampled, that they are upright, and that seeking and one sequential pass ag
 from __future__ import annotations
 
 import io
+import logging
 import pickle
 import struct
 from fractions import Fraction
@@ -77,6 +78,7 @@ FORMATS = {
     "mjpeg.mkv": dict(codec="mjpeg"),
     "prores.mov": dict(codec="prores_ks"),
     "hevc.mp4": dict(codec="libx265", gop=4),
+    "h264.ts": dict(codec="libx264", gop=4),  # MPEG-TS: starts at 0.2 s, seeks imprecisely
     "av1.mkv": dict(codec="libsvtav1", gop=10),  # long enough a GOP for non-reference frames
 }
 
@@ -125,14 +127,17 @@ def test_a_decoder_that_ignores_per_packet_skipping_is_caught(format_files, monk
     assert indices(decode_clip(format_files["av1.mkv"], 8, SIZE)) == expected_centre_indices(20, 8)
 
 
-@pytest.mark.parametrize("name", ["h264.mp4", "vp9.webm", "mpeg4.avi", "mjpeg.mkv", "hevc.mp4", "av1.mkv"])
+@pytest.mark.parametrize("name", ["h264.mp4", "vp9.webm", "mpeg4.avi", "mjpeg.mkv", "hevc.mp4", "av1.mkv", "h264.ts"])
 @pytest.mark.parametrize("num_frames", [3, 8, 13])
-def test_seeking_and_one_sequential_pass_return_identical_frames(format_files, name, num_frames):
+def test_seeking_and_one_sequential_pass_return_identical_frames(format_files, name, num_frames, caplog):
+    caplog.set_level(logging.INFO, logger="service.video.decode")
     by_seek = decode_clip(format_files[name], num_frames, SIZE, strategy="seek")
     sequential = decode_clip(format_files[name], num_frames, SIZE, strategy="sequential")
     auto = decode_clip(format_files[name], num_frames, SIZE)
     assert np.array_equal(by_seek, sequential) and np.array_equal(auto, sequential)
     assert indices(sequential) == expected_centre_indices(20, num_frames)
+    # First time right: no safety net (a missed seek, a skipped target) had to decode again.
+    assert not [record.message for record in caplog.records if record.name == "service.video.decode"]
 
 
 def test_webm_without_frame_count_is_sampled_by_time(format_files):
