@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 # Consecutive packets the decoder may reject before the rest of the file counts as unreadable.
 _MAX_DECODE_ERRORS = 8
 
-T = TypeVar("T")
+_Result = TypeVar("_Result")
 
 
 # Decoders whose ``skip_frame="NONREF"`` can be switched per packet and skips exactly the
@@ -65,7 +65,7 @@ class _SkippedTarget(Exception):
     """A target frame did not come out of a decoder told to skip non-reference frames."""
 
 
-def guarded(work: Callable[[], T]) -> T:
+def guarded(work: Callable[[], _Result]) -> _Result:
     """Run ``work``; any exception that is not already a ``VideoDecodeError`` becomes one."""
     try:
         return work()
@@ -73,10 +73,11 @@ def guarded(work: Callable[[], T]) -> T:
         raise
     except MemoryError as exc:
         raise VideoTooLargeError("decoding the video needs more memory than is available") from exc
-    except Exception as exc:  # PyAV/FFmpeg errors, and anything odd input provokes
-        logger.warning("video decode failed: %r", exc, exc_info=isinstance(exc, (AssertionError, KeyError)))
-        reason = exc.strerror if isinstance(exc, av.FFmpegError) and exc.strerror else type(exc).__name__
-        raise CorruptedVideoError(f"the video cannot be decoded ({reason})") from exc
+    except av.FFmpegError as exc:
+        raise CorruptedVideoError(f"the video cannot be decoded ({exc.strerror or type(exc).__name__})") from exc
+    except Exception as exc:  # nothing odd input provokes may escape; logged, as it may be a bug
+        logger.warning("unexpected error while decoding a video", exc_info=True)
+        raise CorruptedVideoError(f"the video cannot be decoded ({type(exc).__name__})") from exc
 
 
 def decode_clip(
@@ -92,7 +93,8 @@ def decode_clip(
 ) -> np.ndarray:
     """Sample ``num_frames`` frames of a video: uint8 ``[T, size, size, 3]`` RGB, upright.
 
-    - ``source``: bytes, a path, or a binary file object (read from its current position).
+    - ``source``: bytes, a path, or a binary file object (a seekable one is read from its
+      start, wherever its position is; a non-seekable one from where it is).
     - ``mode``: ``"test"``, the frame shown at the centre of each of T equal time segments;
       ``"train"``, the frame shown at a random time in each segment (``rng``: a numpy
       Generator, an int seed, or None).

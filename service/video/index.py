@@ -16,7 +16,6 @@ from fractions import Fraction
 import av
 import numpy as np
 from av.container import InputContainer
-from av.stream import Discard
 from av.video.stream import VideoStream
 
 from service.video.errors import CorruptedVideoError, VideoTooLongError
@@ -77,9 +76,6 @@ def build_index(
     """
     time_base = stream.time_base or Fraction(1, 1000)
     max_ticks = limits.max_duration_s / float(time_base)
-    for other in container.streams:
-        if other.index != stream.index:
-            other.discard = Discard.all
     pts_list: list[int] = []
     durations: list[int] = []
     keyframes: list[bool] = []

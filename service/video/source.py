@@ -1,8 +1,9 @@
 """Uploads in, an open PyAV container with its video stream out: limits checked early.
 
 Accepted sources: ``bytes``-like objects, paths (``str`` / ``os.PathLike``), and binary file
-objects (read from their current position; non-seekable ones are read into memory, at most
-``max_bytes + 1`` bytes). The byte limit is checked before FFmpeg sees anything, the pixel
+objects (seekable ones are read from their start, as FFmpeg seeks in them by absolute
+offsets; non-seekable ones from where they are, into memory, at most ``max_bytes + 1``
+bytes). The byte limit is checked before FFmpeg sees anything, the pixel
 and declared-duration limits as soon as the container header is read.
 """
 
@@ -16,7 +17,7 @@ from typing import BinaryIO, Union
 
 import av
 from av.container import InputContainer
-from av.stream import Disposition
+from av.stream import Discard, Disposition
 from av.video.stream import VideoStream
 
 from service.video.errors import (
@@ -86,7 +87,7 @@ def _sniff_container(head: bytes) -> str | None:
 
 
 class VideoInput:
-    """A source made re-openable: ``open()`` gives a fresh PyAV container each time.
+    """A source made re-openable: ``open()`` gives a fresh PyAV container at its start each time.
 
     Raises ``VideoTooLargeError`` when the source has more than ``limits.max_bytes`` bytes,
     ``TypeError`` for an unsupported source type, ``OSError`` for an unreadable path.
@@ -96,7 +97,6 @@ class VideoInput:
         self._path: str | None = None
         self._data: bytes | None = None
         self._file: BinaryIO | None = None
-        self._file_start = 0
         if isinstance(source, (bytes, bytearray, memoryview)):
             size = len(source) if not isinstance(source, memoryview) else source.nbytes
             self._check_size(size, limits)
@@ -106,10 +106,9 @@ class VideoInput:
             self._check_size(os.stat(self._path).st_size, limits)
         elif hasattr(source, "read"):
             if _is_seekable(source):
-                self._file, self._file_start = source, source.tell()
-                size = source.seek(0, io.SEEK_END) - self._file_start
-                source.seek(self._file_start)
-                self._check_size(size, limits)
+                self._file = source
+                self._check_size(source.seek(0, io.SEEK_END), limits)
+                source.seek(0)
             else:
                 data = source.read(limits.max_bytes + 1)
                 self._check_size(len(data), limits)
@@ -122,7 +121,7 @@ class VideoInput:
     def _check_size(size: int, limits: DecodeLimits) -> None:
         if size > limits.max_bytes:
             raise VideoTooLargeError(
-                f"the file is larger than the limit of {limits.max_bytes / 1e6:g} MB"
+                f"the file is larger than the limit of {limits.max_bytes / 2**20:g} MB"
             )
         if size == 0:
             raise NotAVideoError("the file is empty")
@@ -135,7 +134,7 @@ class VideoInput:
                 return file.read(16)
         assert self._file is not None
         head = self._file.read(16)
-        self._file.seek(self._file_start)
+        self._file.seek(0)
         return head
 
     def open(self) -> InputContainer:
@@ -150,7 +149,7 @@ class VideoInput:
             file = self._path
         else:
             assert self._file is not None
-            self._file.seek(self._file_start)
+            self._file.seek(0)
             file = self._file
         try:
             return av.open(file, mode="r", metadata_errors="ignore")
@@ -182,7 +181,7 @@ def _reason(exc: BaseException) -> str:
 
 
 def video_stream(container: InputContainer, looks_like: str | None = None) -> VideoStream:
-    """The container's main video stream.
+    """The container's main video stream; the demuxer is told to drop all other streams.
 
     Raises ``NotAVideoError`` for still images (FFmpeg's image demuxers),
     ``NoVideoStreamError`` when the only pictures are cover art or there are none, and
@@ -205,6 +204,9 @@ def video_stream(container: InputContainer, looks_like: str | None = None) -> Vi
     codec_context = stream.codec_context
     if codec_context is None or not codec_context.name:
         raise CorruptedVideoError("the video stream has no codec FFmpeg can decode")
+    for other in container.streams:
+        if other.index != stream.index:
+            other.discard = Discard.all  # the demuxer skips their packets
     return stream
 
 
