@@ -32,3 +32,16 @@ test-all: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache
+
+.PHONY: stack smoke
+SMOKE_URL ?= http://127.0.0.1:8080
+
+## Redis + Triton + the gateway as local processes (what docker-compose.yml runs), until Ctrl-C.
+## Serves the demo checkpoint if there is one, else a tiny random one; choose with
+## STACK_ARGS="--checkpoint runs/x/best.pt --port 8080".
+stack: $(STAMP)
+	$(BIN)/python scripts/stack.py $(STACK_ARGS)
+
+## Smoke-test a running gateway end to end (default: the one `make stack` runs).
+smoke: $(STAMP)
+	$(BIN)/python scripts/smoke.py --url $(SMOKE_URL)
