@@ -62,6 +62,7 @@ _FORMAT_BY_SUFFIX = {
     ".avi": "avi",
     ".gif": "gif",
     ".ts": "mpegts",
+    ".h264": "h264",  # a raw elementary stream: no container, no timestamps
 }
 
 

@@ -126,8 +126,12 @@ def decode_clip(
     def work() -> np.ndarray:
         container, stream, index = open_indexed(video_input, limits, deadline)
         positions = sample_positions(index, int(num_frames), mode, generator, keyframes_only=fast)
-        use_seeks = container.format.name in SEEKS_PRECISELY
-        skip_non_reference = not fast and stream.codec_context.name in SKIPS_NON_REFERENCE_FRAMES
+        # Without timestamps frames are told apart by counting them from the start: one pass
+        # in which the decoder returns every frame.
+        counted = not index.timestamps_known
+        use_seeks = container.format.name in SEEKS_PRECISELY and not counted
+        skip_non_reference = not fast and not counted and stream.codec_context.name in SKIPS_NON_REFERENCE_FRAMES
+        keyframes_only = fast and not counted
         # At most three attempts: each failure switches off the shortcut that caused it and
         # starts again on a freshly opened container. Without seeks the decode also starts on
         # a fresh container (rewinding an imprecisely seeking format is a seek too).
@@ -138,7 +142,7 @@ def decode_clip(
                 container = video_input.open()
                 stream = video_stream(container, video_input.looks_like)
             runs = plan_runs(index, positions, seek_cost if use_seeks else math.inf, keyframes_only=fast)
-            collector = _Collector(stream, index, int(size), limits, deadline, fast, skip_non_reference)
+            collector = _Collector(stream, index, int(size), limits, deadline, keyframes_only, skip_non_reference)
             try:
                 with container:
                     chosen = collector.collect(container, runs, fresh=fresh)
@@ -318,7 +322,12 @@ class _Collector:
         previous_ts: int | None = None
         next_target = 0
         for frame in frames:
-            ts = _timestamp(frame, previous_ts)
+            # A frame without pts follows the one before it (streams without timestamps:
+            # frames are counted from the start of a single pass).
+            if frame.pts is not None:
+                ts = int(frame.pts)
+            else:
+                ts = self.index.start_pts if previous_ts is None else previous_ts + self.index.frame_ticks
             if sought and previous is None and ts > target_pts[0]:
                 raise _SeekMissed(f"seek to {target_pts[0]} landed at {ts}")
             while next_target < len(target_pts) and ts >= target_pts[next_target]:
@@ -344,10 +353,3 @@ class _Collector:
 
     def _square(self, frame: VideoFrame) -> np.ndarray:
         return frame_to_square(frame, self.size, self.sample_aspect, self.reformatter)
-
-
-def _timestamp(frame: VideoFrame, previous_ts: int | None) -> int:
-    """The frame's pts; a frame without one is taken to follow the previous frame."""
-    if frame.pts is not None:
-        return int(frame.pts)
-    return (previous_ts + 1) if previous_ts is not None else 0

@@ -38,6 +38,10 @@ class FrameIndex:
     - ``is_keyframe``: bool ``[N]``.
     - ``end_pts``: when the last frame stops being shown (its pts plus its duration).
     - ``truncated``: demuxing stopped early at an unreadable or corrupt packet.
+    - ``timestamps_known``: False for streams without timestamps (raw H.264 elementary
+      streams): ``pts`` is then frame number x ``frame_ticks``, and frames can only be
+      told apart by counting them from the start.
+    - ``frame_ticks``: the typical display time of one frame.
     """
 
     pts: np.ndarray
@@ -45,6 +49,8 @@ class FrameIndex:
     end_pts: int
     time_base: Fraction
     truncated: bool
+    timestamps_known: bool = True
+    frame_ticks: int = 1
 
     @property
     def num_frames(self) -> int:
@@ -80,6 +86,7 @@ def build_index(
     durations: list[int] = []
     keyframes: list[bool] = []
     truncated = False
+    timestamps_known = True
     packets = container.demux(stream)
     try:
         for packet in packets:
@@ -91,8 +98,9 @@ def build_index(
             if packet.is_discard:  # pre-roll an edit list hides: decoded, never shown
                 continue
             pts = packet.pts if packet.pts is not None else packet.dts
-            if pts is None:  # no timestamps at all: assume a constant rate after the last frame
-                pts = (pts_list[-1] + max(durations[-1], 1)) if pts_list else 0
+            if pts is None or not timestamps_known:  # no timestamps: number the frames
+                timestamps_known = False
+                pts = len(pts_list) * max(packet.duration or 0, 1)
             pts_list.append(pts)
             durations.append(packet.duration or 0)
             keyframes.append(packet.is_keyframe)
@@ -118,13 +126,15 @@ def build_index(
     is_keyframe = np.asarray(keyframes, dtype=bool)[order]
     # How long the last frame is shown. Its packet duration says so only when packets come in
     # display order: with B-frames, MP4 packet durations are decode-time gaps.
+    frame_ticks = _typical_frame_ticks(pts, stream, time_base)
     last_duration = int(durations[int(order[-1])])
     if reordered or last_duration <= 0:
-        last_duration = _typical_frame_ticks(pts, stream, time_base)
+        last_duration = frame_ticks
     end_pts = int(pts[-1]) + last_duration
     if end_pts - int(pts[0]) > max_ticks:
         raise VideoTooLongError(f"the video lasts longer than the limit of {limits.max_duration_s:g} s")
-    return FrameIndex(pts=pts, is_keyframe=is_keyframe, end_pts=end_pts, time_base=time_base, truncated=truncated)
+    return FrameIndex(pts=pts, is_keyframe=is_keyframe, end_pts=end_pts, time_base=time_base, truncated=truncated,
+                      timestamps_known=timestamps_known, frame_ticks=frame_ticks)
 
 
 def _typical_frame_ticks(pts: np.ndarray, stream: VideoStream, time_base: Fraction) -> int:

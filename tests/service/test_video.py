@@ -79,6 +79,7 @@ FORMATS = {
     "prores.mov": dict(codec="prores_ks"),
     "hevc.mp4": dict(codec="libx265", gop=4),
     "h264.ts": dict(codec="libx264", gop=4),  # MPEG-TS: starts at 0.2 s, seeks imprecisely
+    "raw.h264": dict(codec="libx264", gop=4),  # no container, no timestamps: frames are counted
     "av1.mkv": dict(codec="libsvtav1", gop=10),  # long enough a GOP for non-reference frames
 }
 
@@ -127,7 +128,7 @@ def test_a_decoder_that_ignores_per_packet_skipping_is_caught(format_files, monk
     assert indices(decode_clip(format_files["av1.mkv"], 8, SIZE)) == expected_centre_indices(20, 8)
 
 
-@pytest.mark.parametrize("name", ["h264.mp4", "vp9.webm", "mpeg4.avi", "mjpeg.mkv", "hevc.mp4", "av1.mkv", "h264.ts"])
+@pytest.mark.parametrize("name", list(FORMATS))
 @pytest.mark.parametrize("num_frames", [3, 8, 13])
 def test_seeking_and_one_sequential_pass_return_identical_frames(format_files, name, num_frames, caplog):
     caplog.set_level(logging.INFO, logger="service.video.decode")
@@ -206,8 +207,9 @@ def test_train_mode_draws_within_each_segment_and_depends_on_the_seed(media):
     assert indices(by_seek) == draws[4]
 
 
-def test_fast_mode_takes_the_nearest_keyframe(media):
-    path = make_video(media / "fast.mp4", num_frames=40, fps=10, gop=8)  # keyframes 0, 8, 16, 24, 32
+@pytest.mark.parametrize("suffix", [".mp4", ".h264"])
+def test_fast_mode_takes_the_nearest_keyframe(media, suffix):
+    path = make_video(media / f"fast{suffix}", num_frames=40, fps=10, gop=8)  # keyframes 0, 8, 16, 24, 32
     # Centres at frame times 2.5, 7.5, ..., 37.5; nearest keyframes (ties: earlier):
     assert indices(decode_clip(path, 8, SIZE, fast=True)) == [0, 8, 16, 16, 24, 24, 32, 32]
     assert indices(decode_clip(path, 8, SIZE, fast=True, strategy="sequential")) == [0, 8, 16, 16, 24, 24, 32, 32]
