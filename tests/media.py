@@ -38,6 +38,7 @@ from typing import BinaryIO
 
 import av
 import numpy as np
+from av.stream import Disposition
 
 NUM_BANDS = 16
 INDEX_BITS = 12
@@ -269,15 +270,30 @@ def make_png(path: str | os.PathLike, *, size: tuple[int, int] = (64, 48), index
     return path
 
 
-def make_audio_only(path: str | os.PathLike, *, seconds: float = 1.0, sample_rate: int = 16000) -> Path:
-    """An audio-only file (a 440 Hz tone): AAC in .m4a/.mp4/.mov, PCM in .wav, Opus in .ogg/.webm."""
+def make_audio_only(
+    path: str | os.PathLike, *, seconds: float = 1.0, sample_rate: int = 16000, cover_art: bool = False
+) -> Path:
+    """An audio-only file (a 440 Hz tone): AAC in .m4a/.mp4/.mov, PCM in .wav, Opus in .ogg/.webm.
+
+    ``cover_art`` (.m4a/.mp4/.mov): add an album picture, a one-frame MJPEG stream marked
+    as attached picture, as music files carry; it is still not a video.
+    """
     path = Path(path)
     suffix = path.suffix.lower()
     codec = {".wav": "pcm_s16le", ".ogg": "libopus", ".webm": "libopus"}.get(suffix, "aac")
     if codec == "libopus":
         sample_rate = 48000
-    with av.open(str(path), "w") as output:
+    if cover_art and suffix not in (".m4a", ".mp4", ".mov"):
+        raise ValueError("cover art needs an .m4a, .mp4 or .mov file")
+    # FFmpeg's .m4a muxer ("ipod") takes no pictures; the mp4 muxer writes the same file type.
+    with av.open(str(path), "w", format="mp4" if cover_art and suffix == ".m4a" else None) as output:
         stream = output.add_stream(codec, rate=sample_rate, layout="mono")
+        if cover_art:
+            picture = output.add_stream("mjpeg")
+            picture.width, picture.height, picture.pix_fmt = 64, 48, "yuvj420p"
+            picture.disposition = Disposition.attached_pic
+            output.mux(picture.encode(av.VideoFrame.from_ndarray(frame_pattern(0, 64, 48), format="rgb24")))
+            output.mux(picture.encode(None))
         chunk = 960 if codec == "libopus" else 1024
         total = int(seconds * sample_rate)
         for start in range(0, total, chunk):

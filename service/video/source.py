@@ -196,9 +196,10 @@ def video_stream(container: InputContainer, looks_like: str | None = None) -> Vi
         raise CorruptedVideoError(f"the file looks like {looks_like} but no video stream can be read")
     candidates = [s for s in container.streams.video if not s.disposition & Disposition.attached_pic]
     if not candidates:
-        kinds = sorted({s.type for s in container.streams})
-        what = "has only " + ", ".join(kinds) + " streams" if kinds else "has no streams"
-        raise NoVideoStreamError(f"the file {what} and no video stream")
+        kinds = sorted({s.type for s in container.streams if s.type != "video"})
+        if len(candidates) < len(container.streams.video):
+            kinds.append("cover art")
+        raise NoVideoStreamError("the file has no video stream" + (f" (only {' and '.join(kinds)})" if kinds else ""))
     defaults = [s for s in candidates if s.disposition & Disposition.default]
     stream = (defaults or candidates)[0]
     codec_context = stream.codec_context

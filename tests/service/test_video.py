@@ -244,12 +244,13 @@ def test_accepts_bytes_paths_and_file_objects(format_files):
     [
         (lambda d: make_audio_only(d / "tone.m4a"), "no_video_stream", 415),
         (lambda d: make_audio_only(d / "tone.wav"), "no_video_stream", 415),
+        (lambda d: make_audio_only(d / "song.m4a", cover_art=True), "no_video_stream", 415),
         (lambda d: make_png(d / "still.png"), "not_a_video", 415),
         (lambda d: np.random.default_rng(0).bytes(50_000), "not_a_video", 415),
         (lambda d: b"", "not_a_video", 415),
         (lambda d: b"%PDF-1.4 not a video at all", "not_a_video", 415),
     ],
-    ids=["audio-m4a", "audio-wav", "png", "random-bytes", "empty", "text"],
+    ids=["audio-m4a", "audio-wav", "audio-with-cover-art", "png", "random-bytes", "empty", "text"],
 )
 def test_non_videos_are_refused_with_a_code(media, make, code, status):
     source = make(media)
