@@ -39,7 +39,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -85,7 +85,7 @@ def clip_specs(quick: bool) -> list[ClipSpec]:
     ]
 
 
-def _synthetic_frames(spec: ClipSpec):
+def _synthetic_frames(spec: ClipSpec) -> Iterator[np.ndarray]:
     """Frames ``[H, W, 3]`` uint8: a smooth texture panning 3 px/frame, four moving blocks,
     and light noise."""
     rng = np.random.default_rng(0)
