@@ -114,6 +114,9 @@ class TritonBackend(Backend):
             RuntimeError: Triton did not serve the three fsar models in time (one sentence saying why),
                 or they are not an fsar export, or they serve different checkpoints.
         """
+        if self.settings.checkpoint:
+            log.warning("backend=triton: ignoring checkpoint %s; Triton serves the checkpoint exported into its "
+                        "model repository", self.settings.checkpoint)
         self._client = grpcclient.InferenceServerClient(self.url, channel_args=_channel_args())
         self._refresh_lock = asyncio.Lock()
         deadline = time.monotonic() + self.timeout_s
@@ -150,11 +153,12 @@ class TritonBackend(Backend):
         """
         client = self._require_client()
         try:
-            if not await client.is_server_ready(client_timeout=self.timeout_s):
-                return False
+            ready = await client.is_server_ready(client_timeout=self.timeout_s)
             for name in MODEL_NAMES:
-                if not await client.is_model_ready(name, client_timeout=self.timeout_s):
-                    return False
+                ready = ready and await client.is_model_ready(name, client_timeout=self.timeout_s)
+            if not ready:
+                self._stale = True  # models (re)loading: maybe another export; re-read their facts
+                return False
         except InferenceServerException as err:
             self._stale = True
             raise self._unavailable("readiness check", err) from None

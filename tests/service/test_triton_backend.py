@@ -327,10 +327,11 @@ class TritonPythonModel:
 }
 
 
-def write_fake_repository(repository: Path) -> Path:
+def write_fake_repository(repository: Path, fingerprint: str = FAKE_FINGERPRINT) -> Path:
     """Three numpy models with the fsar I/O contract (zero-shot path only) and fsar_* parameters."""
+    params = {**FAKE_PARAMS, "fsar_fingerprint": fingerprint, "fsar_checkpoint_hash": fingerprint}
     parameters = ",\n".join(f'  {{ key: "{key}" value: {{ string_value: "{value}" }} }}'
-                            for key, value in FAKE_PARAMS.items())
+                            for key, value in params.items())
     for name, (inputs, outputs, max_batch, source) in FAKE_MODELS.items():
         config = (f'name: "{name}"\nbackend: "python"\nmax_batch_size: {max_batch}\n'
                   f"input [{inputs}\n]\noutput [{outputs}\n]\n"
@@ -385,13 +386,17 @@ async def test_triton_down_gives_503_and_recovers_when_back(fake_triton: LocalTr
         readiness = await client.get("/readyz")
         assert readiness.status_code == 503 and readiness.json()["checks"]["backend"].startswith("unavailable")
 
+        # Triton comes back on the same ports with another export: the gateway notices the new model.
+        write_fake_repository(server.repository, fingerprint="fake-v2")
         restarted = LocalTritonServer(server.repository, **ports).start()
         try:
             deadline = time.monotonic() + 15
             while (await client.get("/readyz")).status_code != 200:
                 assert time.monotonic() < deadline, "the gateway did not see Triton come back"
                 await asyncio.sleep(0.25)
-            assert scores(await classify(client, plain_video(30), labels=["a", "b"]))
+            assert (await client.get("/model")).json()["fingerprint"] == "fake-v2"
+            body = (await classify(client, plain_video(30), labels=["a", "b"])).json()
+            assert body["model"] == "fake-v2" and len(body["predictions"]) == 2
         finally:
             restarted.stop()
 
