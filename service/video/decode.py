@@ -103,7 +103,8 @@ def decode_clip(
     - ``fast``: take the keyframe nearest each sampling time instead (decodes only
       keyframes: several times cheaper on long GOPs, frames up to half a GOP off).
     - ``strategy``: how to reach the frames; ``"auto"`` picks per file by keyframe spacing
-      (see ``service.video.sampling``); ``"seek"`` / ``"sequential"`` force one way (same frames).
+      (see ``service.video.sampling``); ``"seek"`` / ``"sequential"`` force one way (same
+      frames; seeks happen only in containers that seek exactly, :data:`SEEKS_PRECISELY`).
     - ``limits``: :class:`DecodeLimits` (defaults: 200 MiB, 4096x4096 pixels, 10 min,
       30 s of decoding).
 
@@ -141,7 +142,7 @@ def decode_clip(
                 container.close()
                 container = video_input.open()
                 stream = video_stream(container, video_input.looks_like)
-            runs = plan_runs(index, positions, seek_cost if use_seeks else math.inf, keyframes_only=fast)
+            runs = plan_runs(index, positions, seek_cost if use_seeks else math.inf, keyframes_only=keyframes_only)
             collector = _Collector(stream, index, int(size), limits, deadline, keyframes_only, skip_non_reference)
             try:
                 with container:
