@@ -70,6 +70,68 @@ def synth_cmd(
     typer.echo(json.dumps(summary, indent=2, default=str))
 
 
+# --------------------------------------------------------------------------- training
+@app.command("train", context_settings={"allow_extra_args": False})
+def train_cmd(
+    config: str = typer.Option(..., help="A packaged preset (synthetic-tiny, ssv2-full, ssv2-small, kinetics-100, "
+                                         "ucf101, hmdb51, m2clip-k400) or a YAML file."),
+    data: Path = typer.Option(..., help="Dataset root (videos/, splits/, labels.json) or a CSV path,label[,split]."),
+    out: Path = typer.Option(..., help="Run folder: config.yaml, metrics.csv, last.pt, best.pt."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimiser steps."),
+    fresh: bool = typer.Option(False, help="Start afresh instead of resuming from OUT/last.pt."),
+    device: Optional[str] = typer.Option(None, help="cpu | cuda (default: CUDA when available)."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="key=value config overrides, e.g. optim.lr=1e-4."),
+) -> None:
+    """Train adapters on episodes (MA-CLIP loss) or labelled batches (M2-CLIP multi-task loss)."""
+    from training.train import train
+
+    summary = train(config, data, out, max_steps=max_steps, overrides=list(overrides or []),
+                    resume=not fresh, device=device)
+    typer.echo(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2, default=str))
+
+
+@app.command("eval")
+def eval_cmd(
+    checkpoint: Path = typer.Option(..., help="Checkpoint from `fsar train` (best.pt / last.pt)."),
+    data: Path = typer.Option(..., help="Dataset root or CSV."),
+    split: str = typer.Option("test", help="Split whose classes are evaluated."),
+    way: int = typer.Option(5, help="N-way."),
+    shot: int = typer.Option(1, help="K-shot."),
+    query: int = typer.Option(1, help="Queries per class per episode."),
+    episodes: int = typer.Option(10000, help="Number of seeded episodes."),
+    seed: Optional[int] = typer.Option(None, help="Episode seed (same seed, same episodes)."),
+    metric: Optional[str] = typer.Option(None, help="Evaluate with another metric (otam | bimhm | mean | trx)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON."),
+    device: Optional[str] = typer.Option(None, help="cpu | cuda (default: CUDA when available)."),
+) -> None:
+    """Few-shot accuracy with its 95% interval over seeded episodes, plus zero-shot accuracy."""
+    from training.evaluate import evaluate
+
+    kwargs = {"seed": seed} if seed is not None else {}
+    result = evaluate(checkpoint, data, split=split, way=way, shot=shot, query=query, episodes=episodes,
+                      json_path=json_path, metric=metric, device=device, **kwargs)
+    typer.echo(json.dumps(result, indent=2, default=str))
+
+
+# --------------------------------------------------------------------------- demo
+@app.command("demo")
+def demo_cmd(
+    workdir: Path = typer.Option(Path("runs"), help="Holds demo-data/, demo/ (the cached checkpoint), demo-samples/."),
+    host: str = typer.Option("127.0.0.1", help="Bind address."),
+    port: int = typer.Option(8000, help="HTTP port (0: any free port)."),
+    max_steps: Optional[int] = typer.Option(None, help="Cap the one-off training (default: the preset's)."),
+    retrain: bool = typer.Option(False, help="Train the demo model again even if it is cached."),
+    no_serve: bool = typer.Option(False, "--no-serve", help="Stop after the checks instead of serving."),
+) -> None:
+    """Offline demo: synthetic data, a tiny model trained once, served with curl examples."""
+    _setup_logging()
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # the demo's own requests: results are printed
+    from service.demo import run_demo
+
+    run_demo(workdir, host=host, port=port or None, max_steps=max_steps, retrain=retrain,
+             serve_forever=not no_serve)
+
+
 # --------------------------------------------------------------------------- serve
 @app.command("serve")
 def serve_cmd(
