@@ -243,8 +243,8 @@ class Stack:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         check_port_free(self.port, "gateway")
         env = gateway_environment(self.compose_file)  # read first: a broken compose file fails fast
-        self.start_redis()
         checkpoint, is_demo = resolve_checkpoint(self.args.checkpoint, self.state_dir)
+        self.start_redis()
         self.start_triton(checkpoint)
         self.start_gateway(env, demo=is_demo)
         self.wait_ready()
