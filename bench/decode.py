@@ -178,6 +178,7 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "av": av.__version__,
         "ffmpeg": ".".join(map(str, av.ffmpeg_version_info)) if isinstance(av.ffmpeg_version_info, tuple) else str(av.ffmpeg_version_info),
+        "load_avg_at_start": [round(load, 2) for load in os.getloadavg()],  # other work skews wall times
     }
 
 
@@ -189,6 +190,7 @@ def _default_workdir() -> Path:
 def run(quick: bool = False, json_path: str | None = None, workdir: str | None = None) -> list[dict]:
     """Generate (or reuse) the clips, time every row against the baseline, print a table,
     write the JSON file if ``json_path`` is given; returns the rows."""
+    machine = machine_info()
     directory = Path(workdir) if workdir else _default_workdir()
     repeats = 3 if quick else 5
     rows: list[dict] = []
@@ -235,7 +237,8 @@ def run(quick: bool = False, json_path: str | None = None, workdir: str | None =
                 "keyframe_interval_s": round(keyframe_interval_s, 3),
             })
     if json_path:
-        report = {"machine": machine_info(), "quick": quick, "num_frames": NUM_FRAMES, "size": SIZE, "results": rows}
+        machine["load_avg_at_end"] = [round(load, 2) for load in os.getloadavg()]
+        report = {"machine": machine, "quick": quick, "num_frames": NUM_FRAMES, "size": SIZE, "results": rows}
         Path(json_path).write_text(json.dumps(report, indent=2))
     print(format_table(rows))
     return rows
