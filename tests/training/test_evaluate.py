@@ -1,0 +1,102 @@
+"""Evaluation: seeded episodes on features encoded once, accuracy with its 95% interval, checkpoints."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from training.checkpoint import save_checkpoint
+from training.data import EpisodeSampler, load_dataset, write_synthetic_dataset
+from training.evaluate import encode_split, episode_accuracies, evaluate, mean_ci95
+from training.model import ModelConfig, build_model
+
+TINY = dict(backbone="fsar-tiny", pretrained=None, adapter="ted+ma", metric="otam", tpcm_ffn=64)
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    write_synthetic_dataset(root, classes=16, videos_per_class=4, frames=8, size=64, seed=3, progress=False)
+    return root
+
+
+def _perturbed_model(metric: str = "otam", seed: int = 0):
+    """A tiny model whose adapters and TPCM are no longer identities (so training-like weights matter)."""
+    torch.manual_seed(seed)
+    model = build_model(ModelConfig(**{**TINY, "metric": metric})).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad and name != "metric_log_scale":
+                param.add_(0.05 * torch.randn_like(param))
+    return model
+
+
+def test_mean_ci95_is_the_normal_interval():
+    accuracies = np.array([100.0, 0.0, 50.0, 50.0])
+    mean, ci95 = mean_ci95(accuracies)
+    assert mean == 50.0
+    assert ci95 == pytest.approx(1.96 * accuracies.std() / 2.0)
+
+
+def test_evaluate_reports_accuracy_interval_and_is_seeded(synth_root, tmp_path):
+    kwargs = dict(model_config=TINY, split="test", episodes=40, num_workers=0, progress=False, device="cpu")
+    torch.manual_seed(0)
+    first = evaluate(None, synth_root, seed=7, json_path=tmp_path / "eval.json", **kwargs)
+    torch.manual_seed(0)  # the untrained model's random backbone
+    again = evaluate(None, synth_root, seed=7, **kwargs)
+    assert 0.0 <= first["accuracy"] <= 100.0 and first["ci95"] > 0.0
+    assert first["accuracy"] == again["accuracy"] and first["ci95"] == again["ci95"]
+    assert first["zero_shot_accuracy"] is not None
+    assert (first["way"], first["shot"], first["episodes"], first["metric"]) == (5, 1, 40, "otam")
+    written = json.loads((tmp_path / "eval.json").read_text())
+    assert written["accuracy"] == first["accuracy"] and written["ci95"] == first["ci95"]
+    mean_metric = evaluate(None, synth_root, seed=7, metric="mean", zero_shot=False, **kwargs)
+    assert mean_metric["metric"] == "mean" and mean_metric["zero_shot_accuracy"] is None
+
+
+def test_batched_episodes_equal_one_episode_at_a_time(synth_root):
+    dataset = load_dataset(synth_root, "test", num_frames=8, size=64, mode="test")
+    for metric in ("otam", "mean", "trx"):
+        model = _perturbed_model(metric)
+        encoded = encode_split(model, dataset, batch_size=8, progress=False)
+        assert encoded.query_feats.shape == (len(dataset), 8, 64)
+        assert not torch.equal(encoded.query_feats, encoded.support_feats)  # MA reads the label text
+        batched = episode_accuracies(model, encoded, way=5, shot=2, query=1, episodes=12, seed=3, chunk=5,
+                                     progress=False)
+        sampler = EpisodeSampler(encoded.labels.tolist(), 5, 2, 1, 12, seed=3)
+        looped = []
+        with torch.no_grad():
+            for i in range(12):
+                indices, class_ids = sampler.episode(i)
+                support_labels = torch.arange(5).repeat_interleave(2)
+                text_feats = encoded.text_feats[class_ids]
+                prototypes = model.build_prototypes(encoded.support_feats[indices[:10]], support_labels, text_feats)
+                logits = model.classify(encoded.query_feats[indices[10:]], prototypes, text_feats)
+                looped.append(100.0 * (logits.argmax(-1) == torch.arange(5)).float().mean().item())
+        np.testing.assert_allclose(batched, looped)
+        other_seed = episode_accuracies(model, encoded, way=5, shot=1, query=1, episodes=12, seed=4, progress=False)
+        same_seed = episode_accuracies(model, encoded, way=5, shot=1, query=1, episodes=12, seed=4, progress=False)
+        np.testing.assert_array_equal(other_seed, same_seed)
+
+
+def test_checkpoint_round_trip_gives_identical_evaluation(synth_root, tmp_path):
+    model = _perturbed_model("otam", seed=1)
+    path = tmp_path / "model.pt"
+    checkpoint_hash = save_checkpoint(path, model, step=3)
+    dataset = load_dataset(synth_root, "test", num_frames=8, size=64, mode="test")
+    encoded = encode_split(model, dataset, batch_size=8, progress=False)
+    in_memory = mean_ci95(episode_accuracies(model, encoded, episodes=30, seed=5, progress=False))
+    result = evaluate(path, synth_root, episodes=30, seed=5, num_workers=0, progress=False, device="cpu")
+    assert (result["accuracy"], result["ci95"]) == pytest.approx(in_memory, abs=1e-9)
+    assert result["checkpoint_hash"] == checkpoint_hash == result["fingerprint"]
+
+
+def test_bad_arguments_are_clear(synth_root, tmp_path):
+    with pytest.raises(ValueError, match="checkpoint or a model_config"):
+        evaluate(None, synth_root, episodes=5, progress=False)
+    with pytest.raises(ValueError, match="way must be a positive integer"):
+        evaluate(None, synth_root, way=0, model_config=TINY, progress=False)
+    with pytest.raises(ValueError, match="needs 7"):
+        evaluate(None, synth_root, way=7, model_config=TINY, episodes=5, num_workers=0, progress=False, device="cpu")
