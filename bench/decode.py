@@ -24,9 +24,11 @@ are conservative. Exact rows are checked to return the very frames the baseline 
 The JSON file holds ``{"machine": {...}, "quick": bool, "num_frames": 8, "size": 224,
 "results": [row, ...]}``; each row has ``clip``, ``row``, ``ms``, ``baseline_ms``,
 ``speedup_vs_baseline`` (wall time), ``cpu_ms`` / ``baseline_cpu_ms`` (CPU time of all the
-process's threads), ``seeks``, ``frames_passed`` (frames the decoder goes through, from each seek or the start to each target; keyframes in the ``keyframes`` row; non-reference frames among them are skipped, not decoded),
-``video_frames``, ``frames_match`` and the clip's
-``codec``, ``resolution``, ``duration_s``, ``keyframe_interval_s``.
+process's threads), ``seeks``, ``frames_passed`` (frames the decoder goes through, from
+each seek or the start to each target, keyframes in the ``keyframes`` row; non-reference
+frames among them are skipped, not decoded), ``video_frames``, ``frames_match`` and the
+clip's ``codec``, ``resolution``, ``duration_s``, ``keyframe_interval_s``. ``machine`` has
+the load average at start and end: other work on the machine skews wall times.
 
 Run: ``python -m bench.decode [--quick] [--json out.json] [--workdir DIR]``.
 """
@@ -34,6 +36,7 @@ Run: ``python -m bench.decode [--quick] [--json out.json] [--workdir DIR]``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -177,8 +180,8 @@ def machine_info() -> dict:
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "av": av.__version__,
-        "ffmpeg": ".".join(map(str, av.ffmpeg_version_info)) if isinstance(av.ffmpeg_version_info, tuple) else str(av.ffmpeg_version_info),
-        "load_avg_at_start": [round(load, 2) for load in os.getloadavg()],  # other work skews wall times
+        "ffmpeg": str(av.ffmpeg_version_info),
+        "load_avg_at_start": [round(load, 2) for load in os.getloadavg()],
     }
 
 
@@ -212,9 +215,9 @@ def run(quick: bool = False, json_path: str | None = None, workdir: str | None =
             frames = decode_clip(str(path), NUM_FRAMES, SIZE, **kwargs)
             matches[name] = bool(np.array_equal(frames, baseline)) if name.startswith("exact") else None
         for _ in range(repeats):  # interleaved, so drifts in machine load hit every row alike
-            baseline_times.append(_timed(lambda: naive_sample(path, exact_pts)))
+            baseline_times.append(_timed(functools.partial(naive_sample, path, exact_pts)))
             for name, kwargs, _ in cases:
-                timings[name].append(_timed(lambda kw=kwargs: decode_clip(str(path), NUM_FRAMES, SIZE, **kw)))
+                timings[name].append(_timed(functools.partial(decode_clip, str(path), NUM_FRAMES, SIZE, **kwargs)))
         baseline_ms = statistics.median(wall for wall, _ in baseline_times)
         baseline_cpu_ms = statistics.median(cpu for _, cpu in baseline_times)
         for name, _, plan in cases:
@@ -253,7 +256,8 @@ def format_table(rows: list[dict]) -> str:
               "-" if r["frames_match"] is None else str(r["frames_match"]).lower()] for r in rows]
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths)), *(fmt.format(*line) for line in lines)])
+    rules = fmt.format(*("-" * width for width in widths))
+    return "\n".join([fmt.format(*header), rules, *(fmt.format(*line) for line in lines)])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -176,7 +176,7 @@ def make_video(
     if vfr_timestamps is not None:
         if len(vfr_timestamps) != num_frames:
             raise ValueError("vfr_timestamps needs one time per frame")
-        if any(b <= a for a, b in zip(vfr_timestamps, vfr_timestamps[1:])):
+        if any(b <= a for a, b in zip(vfr_timestamps[:-1], vfr_timestamps[1:], strict=True)):
             raise ValueError("vfr_timestamps must be strictly increasing")
     width, height = size
     quarter_turns = 0 if rotation is None else round(rotation / 90) % 4

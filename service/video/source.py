@@ -13,7 +13,7 @@ import io
 import os
 import time
 from dataclasses import dataclass
-from typing import BinaryIO, Union
+from typing import BinaryIO
 
 import av
 from av.container import InputContainer
@@ -30,7 +30,7 @@ from service.video.errors import (
     VideoTooLongError,
 )
 
-VideoSource = Union[bytes, bytearray, memoryview, str, os.PathLike, BinaryIO]
+VideoSource = bytes | bytearray | memoryview | str | os.PathLike | BinaryIO
 
 
 @dataclass(frozen=True)

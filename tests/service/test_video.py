@@ -397,7 +397,8 @@ def test_planner_seeks_with_short_gops_and_decodes_forward_with_long_ones():
     short = plan_runs(_index(900, 30), targets, SEEK_COST_FRAMES)  # keyframe every 1 s at 30 fps
     assert [run.seek_to for run in short] == [30, 150, 270, 390, 480, 600, 720, 840]
     long = plan_runs(_index(900, 300), targets, SEEK_COST_FRAMES)  # every 10 s: targets share GOPs
-    assert [(run.seek_to, run.targets) for run in long] == [(0, (56, 168, 281)), (300, (393, 506)), (600, (618, 731, 843))]
+    assert [(run.seek_to, run.targets) for run in long] == [
+        (0, (56, 168, 281)), (300, (393, 506)), (600, (618, 731, 843))]
     single = plan_runs(_index(900, 900), targets, SEEK_COST_FRAMES)  # one keyframe: one pass from the start
     assert [(run.seek_to, run.targets) for run in single] == [(0, tuple(targets.tolist()))]
     never = plan_runs(_index(900, 30), targets, float("inf"))
