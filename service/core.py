@@ -1,20 +1,27 @@
 """Support sets and classification, independent of HTTP.
 
-`FsarService` decodes uploads (in a bounded thread pool, off the event loop), asks the backend for
+`FsarService` decodes uploads (in worker processes, off the event loop: `service.decode_pool`), asks the backend for
 features, keeps support sets in the store and answers classification requests. The API layer
 (`service/api/`) only parses requests and renders what this module returns.
 
 Store layout (relative keys; the store adds its prefix; `fp` = model fingerprint, `h` = sha256 of
-the uploaded bytes, `lk` = sha256 of the label, `s` = sampling, e.g. `t8x224` = 8 frames at 224 px):
+the uploaded bytes, `lk` = sha256 of the label, `s` = sampling, e.g. `t8x224` = 8 frames at 224 px;
+`{ns}` = the tenant's namespace, `tenant:{name}:`, or nothing when the gateway runs without API keys):
 
-    set:{id}:manifest              JSON: name, metric (None: the model's), classes, videos [{sha256, label, filename}],
-                                   sampling, revision, created/updated/expires times (written last)
-    set:{id}:clip:{h}              uint8 [T, S, S, 3] decoded frames of each support video
-    set:{id}:feat:{fp}:{h}:{lk}    float32 [T, D] support features (support branch, label text)
-    set:{id}:proto:{fp}:{rev}      float32 [N, T, D] prototypes of manifest revision `rev`
-    cache:text:{fp}:{lk}           float32 [D] label text features           (query_cache_ttl_s)
-    cache:query:{fp}:{s}:{h}       float32 [T, D] query features             (query_cache_ttl_s)
-    cache:support:{fp}:{s}:{h}:{lk} float32 [T, D] support features, shared by all sets (query_cache_ttl_s)
+    {ns}set:{id}:manifest              JSON: name, metric (None: the model's), classes, videos [{sha256, label,
+                                       filename}], sampling, revision, tenant, created/updated/expires times
+                                       (written last)
+    {ns}set:{id}:clip:{h}              uint8 [T, S, S, 3] decoded frames of each support video
+    {ns}set:{id}:feat:{fp}:{h}:{lk}    float32 [T, D] support features (support branch, label text)
+    {ns}set:{id}:proto:{fp}:{rev}      float32 [N, T, D] prototypes of manifest revision `rev`
+    {ns}cache:query:{fp}:{s}:{h}       float32 [T, D] query features             (query_cache_ttl_s)
+    {ns}cache:support:{fp}:{s}:{h}:{lk} float32 [T, D] support features, shared by the tenant's sets
+    cache:text:{fp}:{lk}               float32 [D] label text features, shared (query_cache_ttl_s)
+
+Tenants: every support set and every cache that depends on uploaded bytes lives under its tenant's
+namespace, so another tenant can neither read, classify against, list nor delete a set (404, as for a
+set that does not exist), nor learn from a cache hit that someone uploaded the same file. Only label
+text features are shared: they depend on the label text and the model alone.
 
 Model changes: every feature and prototype key carries the model fingerprint, so a new model
 never serves stale results. The decoded clips are kept with the set, so after a model change the
@@ -33,7 +40,6 @@ import logging
 import re
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -42,6 +48,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from service.backends.base import Backend, softmax
+from service.decode_pool import DecodePool, ProcessDecodePool, ThreadDecodePool, hard_timeout_for
 from service.errors import (
     Conflict,
     InvalidField,
@@ -62,6 +69,16 @@ MAX_LABEL_CHARS = 200
 ENCODE_BATCH = 8
 CONFLICT_RETRIES = 3
 _SET_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_TENANT = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def namespace(tenant: str | None) -> str:
+    """The key prefix of a tenant's data: `tenant:{name}:`, or "" for the open (no API keys) namespace."""
+    if tenant is None:
+        return ""
+    if not _TENANT.fullmatch(tenant):
+        raise ValueError(f"invalid tenant name {tenant!r}")
+    return f"tenant:{tenant}:"
 
 
 @dataclass(frozen=True)
@@ -127,8 +144,7 @@ class FsarService:
         self.store = store
         self.backend = backend
         self.metrics = metrics
-        self._decode_pool = ThreadPoolExecutor(max_workers=settings.decode_concurrency,
-                                               thread_name_prefix="fsar-decode")
+        self._decode_pool = create_decode_pool(settings, metrics)
         self._decode_slots = asyncio.Semaphore(settings.decode_concurrency)
         self._limits = DecodeLimits(
             max_bytes=settings.max_upload_bytes,
@@ -138,7 +154,11 @@ class FsarService:
         )
 
     async def close(self) -> None:
-        self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        await self._decode_pool.close()
+
+    @property
+    def decode_pool(self) -> DecodePool:
+        return self._decode_pool
 
     # ------------------------------------------------------------------ model facts
     @property
@@ -184,17 +204,16 @@ class FsarService:
 
     # ------------------------------------------------------------------ decoding
     async def decode(self, upload: Upload) -> np.ndarray:
-        """Frames `[T, S, S, 3]` uint8 of one upload, decoded in the decode pool.
+        """Frames `[T, S, S, 3]` uint8 of one upload, decoded in the decode pool (a worker process
+        unless decode_isolation=thread).
 
         Raises `PayloadTooLarge` (413) or `UnsupportedMedia` (415) with the decoder's code."""
-        loop = asyncio.get_running_loop()
         async with self._decode_slots:
             with self.metrics.stage("decode"):
                 try:
-                    return await loop.run_in_executor(
-                        self._decode_pool, lambda: decode_clip(
-                            upload.data, num_frames=self.num_frames, size=self.input_size, mode="test",
-                            limits=self._limits))
+                    return await self._decode_pool.run(
+                        decode_clip, upload.data, num_frames=self.num_frames, size=self.input_size, mode="test",
+                        limits=self._limits)
                 except VideoDecodeError as err:
                     message = f"{upload.filename or 'upload'}: {err}"
                     code = err.code
@@ -243,16 +262,23 @@ class FsarService:
         return np.stack(cached).astype(np.float32, copy=False)
 
     # ------------------------------------------------------------------ support sets
-    def _manifest_key(self, set_id: str) -> str:
-        return f"set:{set_id}:manifest"
+    @staticmethod
+    def _set_key(tenant: str | None, set_id: str, rest: str) -> str:
+        """`{ns}set:{id}:{rest}`: a key of one set in its tenant's namespace."""
+        return f"{namespace(tenant)}set:{set_id}:{rest}"
 
-    async def _load_manifest(self, set_id: str) -> dict[str, Any]:
+    def _manifest_key(self, tenant: str | None, set_id: str) -> str:
+        return self._set_key(tenant, set_id, "manifest")
+
+    async def _load_manifest(self, set_id: str, tenant: str | None) -> dict[str, Any]:
+        """The set's manifest in the tenant's namespace; 404 when absent there (whoever else owns it)."""
         if not _SET_ID.fullmatch(set_id or ""):  # ids are hex; anything else cannot name a key of ours
             raise SupportSetNotFound(set_id)
         with self.metrics.stage("store"):
-            manifest = await self.store.get_json(self._manifest_key(set_id))
+            manifest = await self.store.get_json(self._manifest_key(tenant, set_id))
         if manifest is None:
             raise SupportSetNotFound(set_id)
+        manifest["tenant"] = tenant  # manifests written before tenants existed lack it
         return manifest
 
     def _check_files(self, uploads: Sequence[Upload], labels: Sequence[str]) -> None:
@@ -295,8 +321,10 @@ class FsarService:
 
     async def create_support_set(self, uploads: Sequence[Upload], labels: Sequence[str], *,
                                  name: str | None = None, metric: str | None = None,
-                                 ttl_seconds: int | None = None) -> dict[str, Any]:
-        """Register a support set: one label per video. Returns the public description (201 body)."""
+                                 ttl_seconds: int | None = None, tenant: str | None = None) -> dict[str, Any]:
+        """Register a support set in the tenant's namespace: one label per video. Returns the public
+        description (201 body)."""
+        namespace(tenant)  # a bad tenant name fails before any work
         labels = clean_labels(labels)
         self._check_files(uploads, labels)
         metric = self._check_metric(metric)
@@ -306,6 +334,7 @@ class FsarService:
         now = _now()
         manifest = {
             "id": uuid.uuid4().hex,
+            "tenant": tenant,
             "name": (name or "").strip() or None,
             "metric": metric,
             "created_at": now,
@@ -318,12 +347,13 @@ class FsarService:
         }
         return await self._add_to_set(manifest, list(uploads), labels, new=True)
 
-    async def add_videos(self, set_id: str, uploads: Sequence[Upload], labels: Sequence[str]) -> dict[str, Any]:
+    async def add_videos(self, set_id: str, uploads: Sequence[Upload], labels: Sequence[str], *,
+                         tenant: str | None = None) -> dict[str, Any]:
         """Add shots or new classes to a set; prototypes are rebuilt. Returns the updated description."""
         labels = clean_labels(labels)
         self._check_files(uploads, labels)
         for attempt in range(1, CONFLICT_RETRIES + 1):
-            manifest = await self._load_manifest(set_id)
+            manifest = await self._load_manifest(set_id, tenant)
             try:
                 return await self._add_to_set(manifest, list(uploads), labels, new=False)
             except StoreConflict:
@@ -336,7 +366,7 @@ class FsarService:
 
     async def _add_to_set(self, manifest: dict[str, Any], uploads: list[Upload], labels: list[str], *,
                           new: bool) -> dict[str, Any]:
-        set_id = manifest["id"]
+        set_id, tenant = manifest["id"], manifest.get("tenant")
         old_revision = None if new else manifest["revision"]
         ttl = self._remaining_ttl(manifest)
         if ttl is not None and ttl <= 0:
@@ -349,7 +379,7 @@ class FsarService:
         to_decode = {h: u for h, u in by_hash.items() if h not in known_hashes}
         new_clips = await self._decode_many(to_decode)
         for h, clip in new_clips.items():
-            batch.array(f"set:{set_id}:clip:{h}", clip)
+            batch.array(self._set_key(tenant, set_id, f"clip:{h}"), clip)
 
         for upload, label in zip(uploads, labels):
             manifest["videos"].append({"sha256": upload.sha256, "label": label, "filename": upload.filename,
@@ -359,12 +389,12 @@ class FsarService:
         manifest["updated_at"] = _now()
 
         prototypes = await self._build_prototypes(manifest, batch, fresh_clips=new_clips)
-        batch.array(f"set:{set_id}:proto:{self.fingerprint}:{manifest['revision']}", prototypes)
-        batch.json(self._manifest_key(set_id), manifest)  # last: the set becomes visible with everything
+        batch.array(self._set_key(tenant, set_id, f"proto:{self.fingerprint}:{manifest['revision']}"), prototypes)
+        batch.json(self._manifest_key(tenant, set_id), manifest)  # last: the set becomes visible with everything
         with self.metrics.stage("store"):
-            await self.store.write_batch(batch, ttl_s=ttl, guard=(self._manifest_key(set_id), old_revision))
+            await self.store.write_batch(batch, ttl_s=ttl, guard=(self._manifest_key(tenant, set_id), old_revision))
         if not new:
-            await self._drop_old_prototypes(set_id, keep_revision=manifest["revision"])
+            await self._drop_old_prototypes(tenant, set_id, keep_revision=manifest["revision"])
         return self.describe(manifest)
 
     def _remaining_ttl(self, manifest: dict[str, Any]) -> float | None:
@@ -378,11 +408,13 @@ class FsarService:
         Order of look-up per (video, label): the set's own features for this model, the shared
         support cache, else encode (from a fresh clip or the set's stored clip). New features go
         into `batch` (written with the set) and into the shared cache."""
-        set_id, fp = manifest["id"], self.fingerprint
+        set_id, tenant, fp = manifest["id"], manifest.get("tenant"), self.fingerprint
         sampling_key = self._sampling_key(self.sampling)
         pairs = list(dict.fromkeys((v["sha256"], v["label"]) for v in manifest["videos"]))  # (sha256, label)
-        set_keys = {(h, label): f"set:{set_id}:feat:{fp}:{h}:{_label_key(label)}" for h, label in pairs}
-        cache_keys = {(h, label): f"cache:support:{fp}:{sampling_key}:{h}:{_label_key(label)}" for h, label in pairs}
+        set_keys = {(h, label): self._set_key(tenant, set_id, f"feat:{fp}:{h}:{_label_key(label)}")
+                    for h, label in pairs}
+        cache_keys = {(h, label): f"{namespace(tenant)}cache:support:{fp}:{sampling_key}:{h}:{_label_key(label)}"
+                      for h, label in pairs}
         with self.metrics.stage("store"):
             found = dict(zip(pairs, await self.store.get_arrays([set_keys[p] for p in pairs])))
             missing = [p for p in pairs if found[p] is None]
@@ -418,7 +450,8 @@ class FsarService:
         stored: dict[str, np.ndarray] = {}
         if stored_needed:
             with self.metrics.stage("store"):
-                arrays = await self.store.get_arrays([f"set:{manifest['id']}:clip:{h}" for h in stored_needed])
+                arrays = await self.store.get_arrays([self._set_key(manifest.get("tenant"), manifest["id"], f"clip:{h}")
+                                                      for h in stored_needed])
             for h, clip in zip(stored_needed, arrays):
                 if clip is None:
                     raise Conflict(f"Support set '{manifest['id']}' lacks a stored clip needed to rebuild its "
@@ -451,7 +484,8 @@ class FsarService:
 
     async def prototypes(self, manifest: dict[str, Any]) -> np.ndarray:
         """Cached prototypes `[N, T, D]` of a set, rebuilt (and stored) when the model changed."""
-        key = f"set:{manifest['id']}:proto:{self.fingerprint}:{manifest['revision']}"
+        tenant = manifest.get("tenant")
+        key = self._set_key(tenant, manifest["id"], f"proto:{self.fingerprint}:{manifest['revision']}")
         with self.metrics.stage("store"):
             cached = await self.store.get_array(key)
         self.metrics.cache_result("prototypes", hit=cached is not None)
@@ -467,34 +501,36 @@ class FsarService:
                 with self.metrics.stage("store"):
                     # Only while the set still has this revision: never resurrect a deleted set's keys.
                     await self.store.write_batch(batch, ttl_s=ttl,
-                                                 guard=(self._manifest_key(manifest["id"]), manifest["revision"]))
+                                                 guard=(self._manifest_key(tenant, manifest["id"]),
+                                                        manifest["revision"]))
             except StoreConflict:
                 log.info("support set %s changed while its prototypes were rebuilt; not caching them",
                          manifest["id"])
         return prototypes
 
-    async def _drop_old_prototypes(self, set_id: str, keep_revision: int) -> None:
-        keys = await self.store.keys(f"set:{set_id}:proto:*")
+    async def _drop_old_prototypes(self, tenant: str | None, set_id: str, keep_revision: int) -> None:
+        keys = await self.store.keys(self._set_key(tenant, set_id, "proto:*"))
         stale = [key for key in keys if not key.endswith(f":{keep_revision}")]
         if stale:
             await self.store.delete(stale)
 
-    async def get_support_set(self, set_id: str) -> dict[str, Any]:
-        return self.describe(await self._load_manifest(set_id))
+    async def get_support_set(self, set_id: str, *, tenant: str | None = None) -> dict[str, Any]:
+        return self.describe(await self._load_manifest(set_id, tenant))
 
-    async def list_support_sets(self) -> list[dict[str, Any]]:
+    async def list_support_sets(self, *, tenant: str | None = None) -> list[dict[str, Any]]:
+        """The tenant's sets, oldest first."""
         with self.metrics.stage("store"):
-            keys = await self.store.keys("set:*:manifest")
+            keys = await self.store.keys(f"{namespace(tenant)}set:*:manifest")
             manifests = await self.store.get_jsons(keys)
         described = [self.describe(m) for m in manifests if m is not None]
         return sorted(described, key=lambda s: s["created_at"])
 
-    async def delete_support_set(self, set_id: str) -> None:
-        await self._load_manifest(set_id)
+    async def delete_support_set(self, set_id: str, *, tenant: str | None = None) -> None:
+        await self._load_manifest(set_id, tenant)
         with self.metrics.stage("store"):
             # The manifest first: the set disappears at once, then its data.
-            await self.store.delete([self._manifest_key(set_id)])
-            await self.store.delete(await self.store.keys(f"set:{set_id}:*"))
+            await self.store.delete([self._manifest_key(tenant, set_id)])
+            await self.store.delete(await self.store.keys(self._set_key(tenant, set_id, "*")))
 
     def describe(self, manifest: dict[str, Any]) -> dict[str, Any]:
         """The public view of a set (what the API returns)."""
@@ -518,9 +554,10 @@ class FsarService:
         }
 
     # ------------------------------------------------------------------ classification
-    async def query_features(self, upload: Upload, timings: dict[str, float]) -> tuple[np.ndarray, bool]:
-        """Query features `[T, D]` (query branch), from the cache when the same bytes were seen."""
-        key = f"cache:query:{self.fingerprint}:{self._sampling_key(self.sampling)}:{upload.sha256}"
+    async def query_features(self, upload: Upload, timings: dict[str, float],
+                             tenant: str | None = None) -> tuple[np.ndarray, bool]:
+        """Query features `[T, D]` (query branch), from the tenant's cache when it sent the same bytes before."""
+        key = f"{namespace(tenant)}cache:query:{self.fingerprint}:{self._sampling_key(self.sampling)}:{upload.sha256}"
         with self.metrics.stage("store"):
             cached = await self.store.get_array(key)
         self.metrics.cache_result("query", hit=cached is not None)
@@ -535,8 +572,9 @@ class FsarService:
         return feats, False
 
     async def classify(self, upload: Upload, *, support_set_id: str | None = None,
-                       labels: Sequence[str] | None = None, top_k: int | None = None) -> dict[str, Any]:
-        """Label one query video.
+                       labels: Sequence[str] | None = None, top_k: int | None = None,
+                       tenant: str | None = None) -> dict[str, Any]:
+        """Label one query video (few-shot against one of the tenant's sets).
 
         - few-shot (`support_set_id`): the model's `classify` against the set's cached prototypes
           (with the classes' text features, so the model mixes in its own text probabilities).
@@ -560,10 +598,10 @@ class FsarService:
             raise InvalidField("top_k must be at least 1.", code="invalid_top_k")
         if not upload.data:
             raise UnsupportedMedia(f"{upload.filename or 'upload'}: the file is empty.", code="not_a_video")
-        manifest = await self._load_manifest(support_set_id) if support_set_id is not None else None
+        manifest = await self._load_manifest(support_set_id, tenant) if support_set_id is not None else None
 
         timings = {"decode": 0.0, "encode": 0.0, "match": 0.0}
-        query_feats, cache_hit = await self.query_features(upload, timings)
+        query_feats, cache_hit = await self.query_features(upload, timings, tenant)
         query_batch = query_feats[None]  # [1, T, D]
 
         candidates: list[str] = []
@@ -635,6 +673,20 @@ class FsarService:
         except Exception as err:
             checks["store"] = f"unavailable: {getattr(err, 'message', err)}"
         return checks
+
+
+def create_decode_pool(settings: Settings, metrics: Metrics | None = None) -> DecodePool:
+    """The decode pool the settings ask for: `decode_concurrency` worker processes (a job over
+    `hard_timeout_for(decode_timeout_s)` kills its worker) or, with decode_isolation=thread, threads."""
+    if settings.decode_isolation == "thread":
+        return ThreadDecodePool(settings.decode_concurrency)
+
+    def count_restart(reason: str) -> None:
+        if metrics is not None:
+            metrics.decode_restarts.labels(reason=reason).inc()
+
+    return ProcessDecodePool(settings.decode_concurrency, hard_timeout_for(settings.decode_timeout_s),
+                             on_restart=count_restart)
 
 
 def resize_clip(clip: np.ndarray, size: int) -> np.ndarray:

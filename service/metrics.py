@@ -8,6 +8,10 @@ Exposed at `GET /metrics`:
 - `fsar_backend_calls_total{op}`: one per backend call (encode_videos, encode_texts, build_prototypes,
   classify, zero_shot);
 - `fsar_videos_encoded_total{branch}`: videos the backend encoded (branch = support | query).
+- `fsar_rejected_requests_total{reason}`: requests refused before reaching a route
+  (reason = unauthenticated | rate_limited);
+- `fsar_decode_worker_restarts_total{reason}`: decode worker processes replaced
+  (reason = timeout | crash | recycled).
 With several uvicorn workers each process exposes its own numbers.
 """
 from __future__ import annotations
@@ -43,6 +47,10 @@ class Metrics:
                                      registry=self.registry)
         self.videos_encoded = Counter("fsar_videos_encoded", "Videos encoded by the backend, by branch.",
                                       ["branch"], registry=self.registry)
+        self.rejected = Counter("fsar_rejected_requests", "Requests refused by authentication or rate limiting.",
+                                ["reason"], registry=self.registry)
+        self.decode_restarts = Counter("fsar_decode_worker_restarts", "Decode worker processes replaced, by reason.",
+                                       ["reason"], registry=self.registry)
 
     @contextmanager
     def stage(self, name: str) -> Iterator[dict]:

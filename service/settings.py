@@ -78,14 +78,34 @@ class Settings(BaseSettings):
     max_video_seconds: float = Field(600.0, gt=0, description="Longest accepted video in seconds; longer -> 413.")
     max_pixels: int = Field(4096 * 4096, gt=0, description="Most pixels per frame (width x height); more -> 413.")
     decode_timeout_s: float = Field(30.0, gt=0, description="Time budget to decode one video, in seconds; over -> 415.")
-    decode_concurrency: int = Field(2, ge=1, description="Videos decoded at once (threads).")
+    decode_concurrency: int = Field(
+        2, ge=1, description="Videos decoded at once (decode worker processes, or threads with "
+                             "decode_isolation=thread).")
+    decode_isolation: Literal["process", "thread"] = Field(
+        "process",
+        description="Where videos are decoded: 'process' (worker processes; a decode that overruns "
+                    "decode_timeout_s is killed and its worker replaced) or 'thread' (in the gateway process; "
+                    "only the decoder's own time budget applies).")
+
+    # ------------------------------------------------------------------ access
+    api_keys: str | None = Field(
+        None, repr=False,
+        description="API keys as 'tenant:key,tenant:key' (keys of 16+ characters; a tenant may have several). "
+                    "Unset (and no api_keys_file) = no authentication (said at start-up).")
+    api_keys_file: str | None = Field(
+        None, description="File with one 'tenant:key' per line ('#' comments) instead of api_keys.")
+    rate_limit_per_minute: float | None = Field(
+        None, gt=0, description="Requests per minute per tenant (per client address without API keys), "
+                                "shared by replicas through Redis; over it -> 429 with Retry-After. None = off.")
+    rate_limit_burst: int = Field(
+        10, ge=1, description="Requests a tenant may send at once before rate_limit_per_minute paces it.")
 
     # ------------------------------------------------------------------ classification
     hybrid_text_weight: float = Field(
         0.5, ge=0.0, le=1.0,
         description="Hybrid mode weight w: p = w * p_zero_shot + (1 - w) * p_few_shot.")
 
-    @field_validator("pretrained", "checkpoint", "redis_url", "metric", mode="before")
+    @field_validator("pretrained", "checkpoint", "redis_url", "metric", "api_keys", "api_keys_file", mode="before")
     @classmethod
     def _none_words(cls, value: Any) -> Any:
         """Let environment variables and flags spell None ('none', 'null', '')."""
@@ -93,7 +113,8 @@ class Settings(BaseSettings):
             return None
         return value
 
-    @field_validator("support_set_ttl_s", "query_cache_ttl_s", "num_frames", mode="before")
+    @field_validator("support_set_ttl_s", "query_cache_ttl_s", "num_frames", "rate_limit_per_minute",
+                     mode="before")
     @classmethod
     def _none_numbers(cls, value: Any) -> Any:
         if isinstance(value, str) and value.strip().lower() in _NONE_WORDS | {"0", "forever"}:
@@ -110,6 +131,8 @@ class Settings(BaseSettings):
         if self.workers > 1 and self.redis_url is None:
             raise ValueError("workers > 1 needs a shared store: set redis_url (FSAR_REDIS_URL); "
                              "each worker would otherwise hold its own support sets")
+        if self.api_keys is not None and self.api_keys_file is not None:
+            raise ValueError("set either api_keys (FSAR_API_KEYS) or api_keys_file (FSAR_API_KEYS_FILE), not both")
         return self
 
     # ------------------------------------------------------------------ helpers
@@ -134,8 +157,10 @@ class Settings(BaseSettings):
         return getattr(logging, self.log_level.upper())
 
     def redacted(self) -> dict[str, Any]:
-        """Settings as a dict with any password in the Redis URL masked (for logs and /model)."""
+        """Settings as a dict with API keys and any password in the Redis URL masked (for logs and /model)."""
         values = self.model_dump()
+        if values.get("api_keys"):
+            values["api_keys"] = "***"
         url = values.get("redis_url")
         if url and "@" in url:
             scheme, _, rest = url.partition("://")

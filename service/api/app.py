@@ -1,8 +1,12 @@
 """The FastAPI app factory: `create_app(settings)`.
 
-The lifespan creates the store (one Redis pool) and the backend (loads the model; a failure stops
-the server at start-up), wires them into an `FsarService` and closes everything on shutdown.
+The lifespan creates the store (one Redis pool), the rate limiter and the backend (loads the model; a
+failure stops the server at start-up), wires them into an `FsarService` and closes everything on
+shutdown. API keys are read when the app is created (a bad key configuration stops it there).
 Every error leaves as `{"error": {"code": ..., "message": ...}}` (see `service/errors.py`).
+
+Middleware, outermost first: request metrics -> access (API key 401, rate limit 429) -> body size
+limit (413) -> routes. Access and size checks answer before the body is read.
 """
 from __future__ import annotations
 
@@ -16,11 +20,13 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.api import routes_classify, routes_ops, routes_support_sets
+from service.auth import AccessMiddleware, describe_access, load_key_ring
 from service.backends import create_backend
 from service.core import FsarService
 from service.errors import ApiError, error_body
 from service.limits import BodySizeLimitMiddleware
 from service.metrics import Metrics, RequestMetricsMiddleware
+from service.ratelimit import create_rate_limiter
 from service.settings import Settings
 from service.store import create_store
 
@@ -36,6 +42,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     lifespan starts (uvicorn does it; tests use `app.router.lifespan_context(app)`)."""
     settings = settings or Settings()
     metrics = Metrics()
+    key_ring = load_key_ring(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -53,13 +60,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise
         service = FsarService(settings, store, backend, metrics)
         app.state.service = service
+        app.state.rate_limiter = create_rate_limiter(settings, store)
         card = service.model_card()
         log.info("serving %s (fingerprint %s) with the %s backend; store: %s", card["description"],
                  str(card["fingerprint"])[:16], settings.backend, card["store"])
+        access = describe_access(key_ring, settings)
+        (log.info if key_ring.enabled else log.warning)("access: %s", access)
         try:
             yield
         finally:
             app.state.service = None
+            app.state.rate_limiter = None
             await service.close()
             await backend.close()
             await store.close()
@@ -73,12 +84,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.service = None
+    app.state.rate_limiter = None
+    app.state.key_ring = key_ring
     app.include_router(routes_support_sets.router)
     app.include_router(routes_classify.router)
     app.include_router(routes_ops.router)
     install_error_handlers(app)
-    # Outermost last: metrics see every response, including 413s from the body limit.
+    # Outermost last: metrics see every response, including 401/429s and 413s from the body limit.
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_upload_bytes)
+    app.add_middleware(AccessMiddleware, key_ring=key_ring, metrics=metrics)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     return app
 

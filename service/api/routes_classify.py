@@ -5,19 +5,20 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, UploadFile
 
-from service.api.deps import get_service, read_upload
+from service.api.deps import get_service, get_tenant, read_upload
 from service.api.schemas import ClassifyResponse, ErrorResponse
 from service.core import FsarService
 
 router = APIRouter(tags=["classify"])
 
-_ERRORS = {status: {"model": ErrorResponse} for status in (404, 409, 413, 415, 422, 503)}
+_ERRORS = {status: {"model": ErrorResponse} for status in (401, 404, 409, 413, 415, 422, 429, 503)}
 
 
 @router.post("/classify", response_model=ClassifyResponse, responses=_ERRORS, summary="Classify a video")
 async def classify(
     video: Annotated[UploadFile, File(description="The query video.")],
     service: Annotated[FsarService, Depends(get_service)],
+    tenant: Annotated[str | None, Depends(get_tenant)],
     support_set_id: Annotated[str | None, Form(description="Few-shot: match against this set.")] = None,
     labels: Annotated[list[str] | None, Form(description="Zero-shot labels (repeat the field); "
                                                          "with support_set_id: hybrid.")] = None,
@@ -25,4 +26,4 @@ async def classify(
 ) -> dict:
     """Scores are probabilities that sum to 1 over all candidate labels (see `FsarService.classify`)."""
     upload = await read_upload(video)
-    return await service.classify(upload, support_set_id=support_set_id, labels=labels, top_k=top_k)
+    return await service.classify(upload, support_set_id=support_set_id, labels=labels, top_k=top_k, tenant=tenant)

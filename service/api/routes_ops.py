@@ -6,7 +6,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
-from service.api.deps import get_service
+from service.api.deps import get_service, get_tenant
 from service.api.schemas import ErrorResponse, Health, ModelCard, Readiness
 from service.core import FsarService
 from service.errors import error_body
@@ -41,7 +41,8 @@ async def metrics(request: Request) -> Response:
     return Response(registry.render(), media_type=registry.content_type)
 
 
-@router.get("/model", response_model=ModelCard, responses={503: {"model": ErrorResponse}},
-            summary="The model being served")
+@router.get("/model", response_model=ModelCard, summary="The model being served", dependencies=[Depends(get_tenant)],
+            responses={status: {"model": ErrorResponse} for status in (401, 429, 503)})
 async def model(service: Annotated[FsarService, Depends(get_service)]) -> dict:
+    """Needs an API key when keys are configured (it names checkpoints and the store)."""
     return service.model_card()

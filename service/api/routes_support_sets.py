@@ -5,15 +5,16 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Response, UploadFile
 
-from service.api.deps import get_service, read_upload
+from service.api.deps import get_service, get_tenant, read_upload
 from service.api.schemas import ErrorResponse, SupportSet, SupportSetList
 from service.core import FsarService
 
 router = APIRouter(prefix="/support-sets", tags=["support sets"])
 
-_ERRORS = {status: {"model": ErrorResponse} for status in (404, 409, 413, 415, 422, 503)}
+_ERRORS = {status: {"model": ErrorResponse} for status in (401, 404, 409, 413, 415, 422, 429, 503)}
 
 Service = Annotated[FsarService, Depends(get_service)]
+Tenant = Annotated[str | None, Depends(get_tenant)]
 Videos = Annotated[list[UploadFile], File(description="Video files (repeat the field), one per label.")]
 Labels = Annotated[list[str], Form(description="One label per video, same order (repeat the field).")]
 
@@ -24,6 +25,7 @@ async def create_support_set(
     videos: Videos,
     labels: Labels,
     service: Service,
+    tenant: Tenant,
     name: Annotated[str | None, Form(max_length=200, description="A name for humans.")] = None,
     metric: Annotated[str | None, Form(description="Temporal metric; default: the model's.")] = None,
     ttl_seconds: Annotated[int | None, Form(gt=0, description="Lifetime in seconds; default: the "
@@ -31,29 +33,31 @@ async def create_support_set(
 ) -> dict:
     """Decode and encode every video with its label, build the class prototypes and store the set."""
     uploads = [await read_upload(video) for video in videos]
-    return await service.create_support_set(uploads, labels, name=name, metric=metric, ttl_seconds=ttl_seconds)
+    return await service.create_support_set(uploads, labels, name=name, metric=metric, ttl_seconds=ttl_seconds,
+                                            tenant=tenant)
 
 
 @router.get("", response_model=SupportSetList, responses=_ERRORS, summary="List support sets")
-async def list_support_sets(service: Service) -> dict:
-    sets = await service.list_support_sets()
+async def list_support_sets(service: Service, tenant: Tenant) -> dict:
+    """The caller's support sets (its tenant's), oldest first."""
+    sets = await service.list_support_sets(tenant=tenant)
     return {"support_sets": sets, "count": len(sets)}
 
 
 @router.get("/{set_id}", response_model=SupportSet, responses=_ERRORS, summary="Describe a support set")
-async def get_support_set(set_id: str, service: Service) -> dict:
-    return await service.get_support_set(set_id)
+async def get_support_set(set_id: str, service: Service, tenant: Tenant) -> dict:
+    return await service.get_support_set(set_id, tenant=tenant)
 
 
 @router.delete("/{set_id}", status_code=204, responses=_ERRORS, summary="Delete a support set")
-async def delete_support_set(set_id: str, service: Service) -> Response:
-    await service.delete_support_set(set_id)
+async def delete_support_set(set_id: str, service: Service, tenant: Tenant) -> Response:
+    await service.delete_support_set(set_id, tenant=tenant)
     return Response(status_code=204)
 
 
 @router.post("/{set_id}/videos", response_model=SupportSet, responses=_ERRORS,
              summary="Add shots or classes to a support set")
-async def add_videos(set_id: str, videos: Videos, labels: Labels, service: Service) -> dict:
+async def add_videos(set_id: str, videos: Videos, labels: Labels, service: Service, tenant: Tenant) -> dict:
     """Add videos (new shots of existing classes, or new classes); the prototypes are rebuilt."""
     uploads = [await read_upload(video) for video in videos]
-    return await service.add_videos(set_id, uploads, labels)
+    return await service.add_videos(set_id, uploads, labels, tenant=tenant)

@@ -16,7 +16,9 @@ from urllib.parse import urlsplit, urlunsplit
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, WatchError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.errors import StoreUnavailable
 from service.store.base import Batch, Store, StoreConflict, guard_matches, ttl_seconds
@@ -32,6 +34,14 @@ def redact_url(url: str) -> str:
     netloc = parts.netloc.rsplit("@", 1)[1]
     user = parts.username or ""
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def _connection_lost(err: WatchError) -> bool:
+    """Whether a WatchError stands for a lost connection (raised while handling a connection error)
+    rather than a watched key that changed."""
+    context = err.__context__
+    return (err.__cause__ is None and not err.__suppress_context__
+            and isinstance(context, (RedisConnectionError, RedisTimeoutError, OSError)))
 
 
 class RedisStore(Store):
@@ -55,6 +65,11 @@ class RedisStore(Store):
             retry=Retry(NoBackoff(), 1),
             health_check_interval=15,
         )
+
+    @property
+    def client(self) -> aioredis.Redis:
+        """The connection pool's client, for other Redis users of this process (the rate limiter)."""
+        return self._client
 
     def _k(self, key: str) -> str:
         return self.prefix + key
@@ -105,6 +120,12 @@ class RedisStore(Store):
                         pipe.set(self._k(key), value, ex=seconds)
                     await pipe.execute()
                 except WatchError as err:
+                    if _connection_lost(err):
+                        # redis-py reports a connection lost during a WATCHed transaction as a WatchError.
+                        raise StoreUnavailable(
+                            f"Redis at {redact_url(self.url)} went away during a write (MULTI/EXEC: "
+                            f"{type(err.__context__).__name__}); nothing or all of it was applied: "
+                            "retry when it is back.") from err
                     raise StoreConflict(f"'{guard[0] if guard else '?'}' changed during the update; "
                                         "retry the request.") from err
 
