@@ -23,6 +23,15 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+def cpu_threads_per_model_call(settings: Settings, cpu_count: int | None = None) -> int:
+    """Intra-op threads of one model call on CPU: the cores left after one per decode worker, shared by
+    the concurrent model calls, at least 1. More threads than free cores makes torch's thread pool wait
+    on descheduled threads: on 2 cores with 2 decode workers busy, the tiny model served 35 requests/s
+    with 2 threads and 126 with 1 (tests/service/test_load.py's mix)."""
+    cores = cpu_count or os.cpu_count() or 1
+    return max(1, (cores - settings.decode_concurrency) // settings.encode_concurrency)
+
+
 class EmbeddedBackend(Backend):
     """Runs `training.model` in-process. Model: `settings.checkpoint` if given, else built from
     `backbone` / `pretrained` (+ `adapter`, `metric`, `num_frames` when set)."""
@@ -37,13 +46,13 @@ class EmbeddedBackend(Backend):
         self._pool = ThreadPoolExecutor(max_workers=settings.encode_concurrency, thread_name_prefix="fsar-model")
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.float_dtype = torch.float32
+        self._threads_before: int | None = None
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         if self.device.type == "cpu":
-            # Share the cores between concurrent model calls instead of oversubscribing them.
-            threads = max(1, (os.cpu_count() or 1) // self.settings.encode_concurrency)
-            torch.set_num_threads(threads)
+            self._threads_before = torch.get_num_threads()  # restored by close(): the setting is per process
+            torch.set_num_threads(cpu_threads_per_model_call(self.settings))
         loop = asyncio.get_running_loop()
         self.model, self.meta = await loop.run_in_executor(self._pool, self._load)
         self.float_dtype = next(self.model.parameters()).dtype
@@ -82,6 +91,9 @@ class EmbeddedBackend(Backend):
     async def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self.model = None
+        if self._threads_before is not None:
+            torch.set_num_threads(self._threads_before)
+            self._threads_before = None
 
     async def ready(self) -> bool:
         return self.model is not None
