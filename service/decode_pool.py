@@ -9,8 +9,9 @@ decode thread forever, or take the whole gateway down. A worker process can be k
 - `workers` processes, each a fresh interpreter (fork+exec, as multiprocessing's `spawn`: a plain `fork`
   after PyAV was used in the parent can hang, SERVING.md) that imports only numpy and `service.video`
   (no torch) and dies with the gateway;
-- one job per worker at a time; the job's arguments and result travel through a pipe (pickled by our
-  own code on both ends: never data from a client);
+- one job per worker at a time; the job's arguments and result travel through a socket pair (pickled
+  by our own code on both ends, never data from a client); large byte arguments (the upload) are sent
+  as raw bytes straight from the caller's buffer, so the gateway holds no second copy of an upload;
 - a job that has not answered `hard_timeout_s` after it was sent is abandoned: its worker is killed
   (SIGKILL) and replaced, and the caller gets `DecodeTimeoutError` (415 `timeout`);
 - a worker that dies during a job (a crash in C) is replaced and the caller gets
@@ -46,6 +47,15 @@ log = logging.getLogger(__name__)
 
 #: How long a fresh worker may take to import its modules and say it is ready.
 WORKER_START_TIMEOUT_S = 60.0
+#: Byte arguments at least this long travel as raw bytes after the pickled job (no pickled copy).
+BLOB_MIN_BYTES = 64 * 1024
+
+
+class _Blob:
+    """Stands in the pickled job for the `index`-th raw byte argument sent after it."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
 
 
 class DecoderUnavailable(ServiceUnavailable):
@@ -72,7 +82,11 @@ def _worker_main(fd: int, parent_pid: int) -> None:
             return
         if job is None:
             return
-        fn, args, kwargs = job
+        fn, args, kwargs, blob_count = job
+        blobs = [conn.recv_bytes() for _ in range(blob_count)]
+        args = tuple(blobs[a.index] if isinstance(a, _Blob) else a for a in args)
+        kwargs = {k: blobs[v.index] if isinstance(v, _Blob) else v for k, v in kwargs.items()}
+        del blobs
         try:
             reply: tuple = ("ok", fn(*args, **kwargs))
         except VideoDecodeError as err:
@@ -177,7 +191,7 @@ class ProcessDecodePool:
     kind = "process"
 
     def __init__(self, workers: int, hard_timeout_s: float, *, max_jobs_per_worker: int = 1000,
-                 max_worker_rss_mb: float = 2048.0,
+                 max_worker_rss_mb: float = 1024.0,
                  on_restart: Callable[[str], None] | None = None) -> None:
         if workers < 1:
             raise ValueError("workers must be >= 1")
@@ -230,17 +244,33 @@ class ProcessDecodePool:
         return await loop.run_in_executor(self._threads, functools.partial(self._run_blocking, fn, args, kwargs))
 
     def _run_blocking(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        blobs: list[bytes | bytearray | memoryview] = []
+
+        def lift(value: Any) -> Any:
+            if isinstance(value, (bytes, bytearray, memoryview)) and len(value) >= BLOB_MIN_BYTES:
+                blobs.append(value)
+                return _Blob(len(blobs) - 1)
+            return value
+
+        job = (fn, tuple(lift(a) for a in args), {k: lift(v) for k, v in kwargs.items()}, len(blobs))
         worker = self._idle.get()
         returned = False
         try:
-            try:
-                worker.wait_ready(WORKER_START_TIMEOUT_S)
-            except DecoderUnavailable:
-                self._replace(worker, "crash", kill=True)
-                returned = True
-                raise
+            for attempt in range(2):  # a worker that died while idle is replaced and the job sent again
+                try:
+                    worker.wait_ready(WORKER_START_TIMEOUT_S)
+                    worker.conn.send(job)
+                    for blob in blobs:
+                        worker.conn.send_bytes(blob)
+                    break
+                except (DecoderUnavailable, OSError) as err:
+                    log.warning("decode worker pid %s unusable (%s); replacing it", worker.pid, err)
+                    self._replace(worker, "crash", kill=True)
+                    returned = True
+                    if attempt == 1 or self._closed:
+                        raise DecoderUnavailable("no decode worker could take the job") from err
+                    worker, returned = self._idle.get(), False
             worker.jobs += 1
-            worker.conn.send((fn, args, kwargs))
             if not worker.conn.poll(self.hard_timeout_s):
                 log.warning("decode job exceeded its hard limit of %.1f s: killing worker pid %s",
                             self.hard_timeout_s, worker.pid)
