@@ -40,7 +40,7 @@ pytestmark = pytest.mark.timeout(600)
 
 API_KEY = "hostile-test-key-0123456789"
 HEADERS = {"X-API-Key": API_KEY}
-DEFAULT_FILES = 2000
+DEFAULT_FILES = 3000
 SLOW_FILES = 12000
 FILES_PER_REGISTRATION = 4  # 3 mutated + 1 good
 GATEWAY_RSS_GROWTH_MB = 150.0
@@ -321,7 +321,7 @@ def run_schemathesis(gateway: LiveGateway, examples_per_operation: int) -> colle
 
 
 def test_schema_generated_requests_never_cause_server_errors(gateway: LiveGateway) -> None:
-    statuses = run_schemathesis(gateway, examples_per_operation=25)
+    statuses = run_schemathesis(gateway, examples_per_operation=40)
     print(f"\nschemathesis statuses: {dict(statuses)}")
     assert sum(statuses.values()) > 100 and any(400 <= status < 500 for status in statuses)
     assert_gateway_healthy(gateway, class_video(2))
