@@ -591,6 +591,10 @@ class FsarService:
         Scores are probabilities summing to 1 over all candidates; `top_k` keeps the best k.
         """
         labels = _unique(clean_labels(labels or []))
+        if len(labels) > self.settings.max_labels_per_request:
+            raise PayloadTooLarge(f"{len(labels)} labels in one request; the limit is "
+                                  f"{self.settings.max_labels_per_request} (max_labels_per_request).",
+                                  code="too_many_labels")
         if support_set_id is None and not labels:
             raise InvalidField("Give a support_set_id (few-shot), labels (zero-shot), or both (hybrid).",
                                code="missing_target")

@@ -129,8 +129,9 @@ class _Worker:
     def __init__(self, number: int) -> None:
         parent_sock, child_sock = socket.socketpair()
         code = f"from service.decode_pool import _worker_main; _worker_main({child_sock.fileno()}, {os.getpid()})"
-        env = dict(os.environ)
-        # The worker imports the same code as the gateway: give it the gateway's import path.
+        # Workers parse untrusted bytes: they get no gateway settings (API keys, Redis password) in their
+        # environment, and the gateway's import path so that they import the same code.
+        env = {name: value for name, value in os.environ.items() if not name.startswith("FSAR_")}
         env["PYTHONPATH"] = os.pathsep.join(path or os.getcwd() for path in sys.path)
         try:
             self.process = subprocess.Popen([sys.executable, "-c", code], pass_fds=[child_sock.fileno()],

@@ -6,12 +6,14 @@ API renders every one of them as `{"error": {"code": ..., "message": ...}}`.
 | status | code(s) | when |
 | --- | --- | --- |
 | 400 | `bad_request` | a field is present but unusable (e.g. a malformed body) |
+| 401 | `missing_api_key`, `invalid_api_key` | no or unknown `X-API-Key` (`service/auth.py`) |
 | 404 | `not_found`, `support_set_not_found` | unknown path or support set |
 | 409 | `conflict` | the support set changed underneath a concurrent update (retry) |
-| 413 | `too_large`, `too_long`, `too_many_pixels`, `too_many_files` | upload over a limit |
+| 413 | `too_large`, `too_long`, `too_many_pixels`, `too_many_files`, `too_many_labels` | upload over a limit |
 | 415 | `not_a_video`, `no_video_stream`, `corrupted`, `timeout`, ... | not a decodable video |
 | 422 | `validation_error`, `label_count_mismatch`, ... | missing or invalid fields |
-| 503 | `store_unavailable`, `backend_unavailable`, `not_ready` | Redis or the model is unreachable |
+| 429 | `rate_limited` | over the tenant's rate limit (`Retry-After` header) |
+| 503 | `store_unavailable`, `backend_unavailable`, `decoder_unavailable`, `not_ready` | Redis, the model or the decode workers are unreachable |
 | 500 | `internal_error` | a bug (logged with its traceback); never for bad input |
 """
 from __future__ import annotations

@@ -75,6 +75,8 @@ class Settings(BaseSettings):
     max_upload_mb: float = Field(
         200.0, gt=0, description="Largest request body in MB (all files together); larger -> 413.")
     max_files_per_request: int = Field(64, ge=1, description="Most video files in one request; more -> 413.")
+    max_labels_per_request: int = Field(
+        256, ge=1, description="Most labels in one classify request (zero-shot/hybrid candidates); more -> 413.")
     max_video_seconds: float = Field(600.0, gt=0, description="Longest accepted video in seconds; longer -> 413.")
     max_pixels: int = Field(4096 * 4096, gt=0, description="Most pixels per frame (width x height); more -> 413.")
     decode_timeout_s: float = Field(30.0, gt=0, description="Time budget to decode one video, in seconds; over -> 415.")

@@ -109,6 +109,25 @@ def test_key_ring_compares_against_every_key(monkeypatch) -> None:
     assert len(compared) == 150
 
 
+async def test_decode_workers_get_no_gateway_secrets(monkeypatch) -> None:
+    """Decode workers parse untrusted bytes: API keys and the Redis URL stay out of their environment."""
+    import os
+
+    from service.decode_pool import ProcessDecodePool
+
+    monkeypatch.setenv("FSAR_API_KEYS", KEYS)
+    monkeypatch.setenv("FSAR_REDIS_URL", "redis://:secret@127.0.0.1:6379/13")
+    pool = ProcessDecodePool(1, hard_timeout_s=30)
+    try:
+        # os.getenv runs in the worker, on the worker's environment.
+        assert await pool.run(os.getenv, "FSAR_API_KEYS") is None
+        assert await pool.run(os.getenv, "FSAR_REDIS_URL") is None
+        assert await pool.run(os.getenv, "PATH") == os.environ["PATH"]
+        assert await pool.run(os.getppid) == os.getpid()
+    finally:
+        await pool.close()
+
+
 # ------------------------------------------------------------------ authentication over HTTP
 async def test_requests_need_a_valid_key_except_probes(clips, caplog) -> None:
     caplog.set_level(logging.DEBUG, logger="service")  # other tests may have raised its level
@@ -278,9 +297,12 @@ async def test_each_decode_limit_reaches_the_decoder_over_http(clips) -> None:
         files, data = upload_form([(clips[0], "a"), (clips[1], "b"), (clips[2], "c")])
         assert_error(await client.post("/support-sets", files=files, data=data), 413, "too_many_files")
         assert (await client.get("/support-sets")).json()["count"] == 0
-    async with running(tiny_settings(decode_concurrency=1, max_pixels=32 * 32)) as (client, _):
+    async with running(tiny_settings(decode_concurrency=1, max_pixels=32 * 32, max_labels_per_request=3)) as (
+            client, _):
         files, data = upload_form([(clips[0], "a")])
         assert_error(await client.post("/support-sets", files=files, data=data), 413, "too_many_pixels")
+        assert_error(await classify(client, clips[0], labels=["a", "b", "c", "d"]), 413, "too_many_labels")
+        assert_error(await classify(client, clips[0], labels=["a", "b", "c"]), 413, "too_many_pixels")
     # A decode over its time budget: 415 `timeout`, and the gateway carries on.
     slow_clip = make_video_bytes(num_frames=240, fps=30, size=(640, 480), gop=240)
     async with running(tiny_settings(decode_concurrency=1, decode_timeout_s=0.005)) as (client, service):
