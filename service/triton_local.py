@@ -22,6 +22,7 @@ cache folder and prepares two things the bundled server needs to run our Python-
 from __future__ import annotations
 
 import ctypes
+import logging
 import fcntl
 import functools
 import os
@@ -48,6 +49,8 @@ PYTRITON_VERSION = "0.7.0"
 TRITON_VERSION = "2.51.0"
 MIN_GLIBC = (2, 35)
 STUB_NUMPY_REQUIREMENT = "numpy<2"
+
+log = logging.getLogger(__name__)
 SYS_PATH_ENV = "FSAR_SYS_PATH"
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 _DIST_DIRNAME = f"nvidia-pytriton-{PYTRITON_VERSION}"
@@ -294,6 +297,20 @@ def _kill_group(pgid: int) -> None:
         pass
 
 
+def _wait_group_gone(pgid: int, timeout_s: float = 10.0) -> bool:
+    """Wait until no process of group ``pgid`` is left (killed stubs are reaped asynchronously)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        time.sleep(0.05)
+    return False
+
+
 class LocalTritonServer:
     """A ``tritonserver`` process on loopback ports, as a context manager.
 
@@ -494,6 +511,8 @@ class LocalTritonServer:
                 pass
         _kill_group(proc.pid)  # the leader if still alive, and any stub left behind
         proc.wait()
+        if not _wait_group_gone(proc.pid):
+            log.warning("processes of the Triton server's group %d were still alive after stop()", proc.pid)
         if self._finalizer is not None:
             self._finalizer.detach()
             self._finalizer = None
