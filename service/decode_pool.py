@@ -101,7 +101,11 @@ def _worker_main(fd: int, parent_pid: int) -> None:
 
 def _die_with_parent(parent_pid: int) -> None:
     """Linux: have the kernel SIGKILL this worker when the gateway dies (even by SIGKILL), so a worker
-    wedged in C is never orphaned. Elsewhere the closed socket ends idle workers."""
+    wedged in C is never orphaned. Elsewhere the closed socket ends idle workers.
+
+    The kernel sends the signal when the *thread* that started the worker ends: workers are started
+    from the thread that creates the pool or from the pool's own waiting threads, which both live as
+    long as the pool."""
     try:
         import ctypes
 
@@ -254,7 +258,7 @@ class ProcessDecodePool:
             return value
 
         job = (fn, tuple(lift(a) for a in args), {k: lift(v) for k, v in kwargs.items()}, len(blobs))
-        worker = self._idle.get()
+        worker = self._next_idle()
         returned = False
         try:
             for attempt in range(2):  # a worker that died while idle is replaced and the job sent again
@@ -270,7 +274,7 @@ class ProcessDecodePool:
                     returned = True
                     if attempt == 1 or self._closed:
                         raise DecoderUnavailable("no decode worker could take the job") from err
-                    worker, returned = self._idle.get(), False
+                    worker, returned = self._next_idle(), False
             worker.jobs += 1
             if not worker.conn.poll(self.hard_timeout_s):
                 log.warning("decode job exceeded its hard limit of %.1f s: killing worker pid %s",
@@ -282,6 +286,9 @@ class ProcessDecodePool:
             try:
                 status, value = worker.conn.recv()
             except (EOFError, OSError) as err:
+                if self._closed:  # killed by close(): not the file's fault
+                    returned = True
+                    raise DecoderUnavailable("The decoder is shutting down; retry on another replica.") from err
                 exitcode = worker.process.poll()
                 log.warning("decode worker pid %s died during a job (exit code %s); replacing it",
                             worker.pid, exitcode)
@@ -299,6 +306,15 @@ class ProcessDecodePool:
         if status == "error":
             raise value
         raise RuntimeError(f"decode worker failure: {value}")
+
+    def _next_idle(self) -> _Worker:
+        """An idle worker (waits for one); `DecoderUnavailable` once the pool is closing."""
+        while True:
+            try:
+                return self._idle.get(timeout=0.5)
+            except queue.Empty:
+                if self._closed:
+                    raise DecoderUnavailable("The decoder is shutting down; retry on another replica.") from None
 
     # ------------------------------------------------------------------ facts and shutdown
     def describe(self) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Hostile input: mutated real videos and schema-generated requests against a live gateway.
 
-A real gateway process (uvicorn on loopback, tiny random model, API keys on, decodes in worker
+A real gateway process (uvicorn on loopback, tiny random model, API keys on, Redis store, decodes in worker
 processes) receives:
 - mutated copies of real videos of several codecs and containers made by `tests/media.py` (bit flips,
   overwritten byte runs, truncations, spliced headers and tails, smashed box/element sizes, repeated
@@ -30,7 +30,7 @@ import httpx
 import numpy as np
 import pytest
 
-from service.decode_pool import ProcessDecodePool, ThreadDecodePool
+from service.decode_pool import DecoderUnavailable, ProcessDecodePool, ThreadDecodePool
 from service.video import CorruptedVideoError, DecodeTimeoutError, NotAVideoError, decode_clip
 from tests.media import make_video_bytes
 from tests.service.live_gateway import LiveGateway
@@ -43,7 +43,7 @@ HEADERS = {"X-API-Key": API_KEY}
 DEFAULT_FILES = 3000
 SLOW_FILES = 12000
 FILES_PER_REGISTRATION = 4  # 3 mutated + 1 good
-GATEWAY_RSS_GROWTH_MB = 150.0
+GATEWAY_RSS_GROWTH_MB = 60.0
 WORKERS_RSS_MB = 800.0
 CONCURRENCY = 4
 WARM_UP = 150
@@ -174,9 +174,12 @@ def mutated_files(corpus: list[bytes], count: int, seed: int) -> Iterator[tuple[
 
 # ------------------------------------------------------------------ the live gateway and its invariants
 @pytest.fixture(scope="module")
-def gateway(tmp_path_factory) -> Iterator[LiveGateway]:
+def gateway(tmp_path_factory, redis_url: str, redis_session_prefix: str) -> Iterator[LiveGateway]:
+    """The gateway under attack; its store is the real Redis, so its own memory holds no registered data
+    and RSS growth means a leak."""
     settings = tiny_settings(api_keys=f"fuzz:{API_KEY}", decode_timeout_s=5.0, max_upload_mb=8.0,
-                             decode_concurrency=2, log_level="error")
+                             decode_concurrency=2, log_level="error", redis_url=redis_url,
+                             redis_prefix=f"{redis_session_prefix}hostile:")
     with LiveGateway(settings, tmp_path_factory.mktemp("hostile")) as live:
         yield live
 
@@ -190,6 +193,7 @@ def assert_gateway_healthy(gateway: LiveGateway, good_video: bytes) -> None:
                           files=[("video", ("good.mp4", good_video, "video/mp4"))], timeout=60)
     assert response.status_code == 200, response.text
     assert gateway.new_tmp_entries() == [] and gateway.open_tmp_files() == []
+    assert API_KEY not in gateway.log()
 
 
 def check_error_body(response: httpx.Response) -> None:
@@ -373,6 +377,18 @@ async def test_a_crashing_decoder_is_a_415_and_the_worker_is_replaced() -> None:
     finally:
         await pool.close()
     assert pool.describe()["alive"] == 0
+
+
+async def test_closing_the_pool_ends_jobs_in_flight_as_unavailable() -> None:
+    """At shutdown a job still running is not reported as a bad file (415) but as a 503 to retry."""
+    pool = ProcessDecodePool(1, hard_timeout_s=60)
+    worker_pid = await pool.run(os.getpid)
+    job = asyncio.ensure_future(pool.run(time.sleep, 60))
+    await asyncio.sleep(0.3)
+    await pool.close()
+    with pytest.raises(DecoderUnavailable, match="shutting down"):
+        await job
+    assert _is_zombie_or_gone(worker_pid)
 
 
 async def test_workers_are_recycled_after_a_number_of_jobs() -> None:

@@ -303,11 +303,16 @@ async def test_each_decode_limit_reaches_the_decoder_over_http(clips) -> None:
         assert_error(await client.post("/support-sets", files=files, data=data), 413, "too_many_pixels")
         assert_error(await classify(client, clips[0], labels=["a", "b", "c", "d"]), 413, "too_many_labels")
         assert_error(await classify(client, clips[0], labels=["a", "b", "c"]), 413, "too_many_pixels")
-    # A decode over its time budget: 415 `timeout`, and the gateway carries on.
+    # A decode over its time budget: 415 `timeout`, and the gateway carries on (either isolation).
     slow_clip = make_video_bytes(num_frames=240, fps=30, size=(640, 480), gop=240)
-    async with running(tiny_settings(decode_concurrency=1, decode_timeout_s=0.005)) as (client, service):
-        assert_error(await classify(client, slow_clip, labels=["a"]), 415, "timeout")
-        assert service.decode_pool.describe()["alive"] == 1
+    for isolation in ("process", "thread"):
+        settings = tiny_settings(decode_concurrency=1, decode_timeout_s=0.005, decode_isolation=isolation)
+        async with running(settings) as (client, service):
+            assert_error(await classify(client, slow_clip, labels=["a"]), 415, "timeout")
+            pool = service.decode_pool.describe()
+            assert pool["kind"] == isolation
+            if isolation == "process":  # the decoder's own budget stopped it: no worker had to be killed
+                assert pool["alive"] == 1 and pool["restarts"]["timeout"] == 0
 
 
 def test_over_limit_body_is_refused_while_streaming_over_a_socket(tmp_path: Path) -> None:
