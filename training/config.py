@@ -134,8 +134,8 @@ class PretrainConfig:
 
     steps: int = 0  # 0 = off
     batch_size: int = 96
-    lr: float = 2e-3
-    weight_decay: float = 0.05
+    lr: float = 7e-4
+    weight_decay: float = 0.0
     warmup_steps: int = 20
     seed: int = 0
 
@@ -157,6 +157,7 @@ class TrainConfig:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     grad_accum: int = 1  # iterations (episodes or batches) per optimiser step
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # autocast on CUDA; always off on CPU
+    threads: Optional[int] = None  # torch CPU threads (None = torch's default); 1 suits small CPU runs
     seed: int = 0
     log_every: int = 10  # optimiser steps between metrics.csv rows
     save_every: int = 200  # optimiser steps between last.pt saves (and always at the end)
@@ -194,7 +195,7 @@ class TrainConfig:
         for key in ("episodic.way", "episodic.shot", "episodic.query", "episodic.episodes",
                     "supervised.batch_size", "supervised.epochs", "optim.lr", "optim.eps",
                     "val.way", "val.shot", "val.query", "val.episodes", "grad_accum", "log_every",
-                    "save_every", "max_steps", "optim.lr_reference_batch"):
+                    "save_every", "max_steps", "optim.lr_reference_batch", "threads"):
             positive(key, _get(self, key))
         for key in ("optim.weight_decay", "optim.text_adapter_lr_scale", "schedule.warmup_steps",
                     "schedule.warmup_epochs", "val.every", "data.num_workers", "optim.max_grad_norm",

@@ -1,20 +1,27 @@
-"""Stand-in CLIP pretraining for tiny backbones on synthetic image-caption pairs.
+"""Stand-in pretraining for tiny backbones on synthetic image-caption pairs.
 
 The CPU demo and the "learning works" check use ``fsar-tiny``, a ViT far too small to have
 pretrained weights. A randomly initialised one is useless as a frozen backbone: its class token
-is close to an average of the patch tokens, so it carries almost no information on where things
-are, and adapters trained on top of it stay at chance. Real use starts from OpenAI's CLIP; here a
-minute of contrastive CLIP training on generated pictures stands in for it.
+carries almost no information on where things are (a linear probe recovers none of an object's
+position), and few-shot accuracy on held-out motion classes stays at chance whatever is trained on
+top. Real use starts from OpenAI's CLIP; here about a minute of training on generated pictures
+stands in for it.
 
-Each picture is one or two shapes (circle, square, triangle, bar, cross) of some colour, size,
-position and orientation on a textured background, sometimes dimmed; its caption names those
-attributes ("a small red triangle pointing left at the top right, and a large blue square at the
-bottom left"). Training both towers with the CLIP contrastive loss (same caption = positive) makes
-the frozen image features say where objects are, how big and how they are turned, which is what
-motion (how those change over time) is read from. Nothing of the videos' motion classes is used.
+Each picture is one shape (circle, square, triangle, bar, cross) of some colour, size, position and
+orientation on a textured background, sometimes dimmed; its caption says what motion is made of:
+"a small triangle pointing left at the top far right, in dim light". The image tower learns to
+predict the caption's words (a bag-of-words captioning loss, one logistic output per word). Two
+measured facts shaped this:
 
-``pretrain_backbone(...)`` writes an open_clip state_dict that ``ModelConfig(pretrained=PATH)``
-loads like any other weights file.
+- CLIP's contrastive loss (both towers from scratch) did not teach position within 500 steps (linear
+  probe R^2 of the x position about 0), and mixed into the word loss it stopped that from learning
+  too; the text tower is therefore left as it is (random), and ``alpha`` should be 0 with it.
+- A tiny ViT learns where a large shape is long before a small one; object sizes shrink from large
+  to synthetic-video-like over the first 60% of the steps (a curriculum). With it, 450 steps reach a
+  probe R^2 of about 0.67 for the x position of small shapes.
+
+Nothing of the videos' motion classes is used. ``pretrain_backbone(...)`` writes an open_clip
+state_dict that ``ModelConfig(pretrained=PATH)`` loads like any other weights file.
 """
 from __future__ import annotations
 
@@ -28,6 +35,7 @@ from typing import Dict, List, Tuple, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from training.config import PretrainConfig
@@ -40,9 +48,13 @@ COLOURS: Dict[str, Tuple[float, float, float]] = {
     "purple": (0.6, 0.2, 0.8), "orange": (1.0, 0.55, 0.1), "cyan": (0.1, 0.85, 0.9),
 }
 SHAPES = ("circle", "square", "triangle", "bar", "cross")
-SIZES = (("tiny", 0.06, 0.09), ("small", 0.09, 0.13), ("large", 0.13, 0.19), ("huge", 0.19, 0.26))
-COLUMNS = ("far left", "left", "right", "far right")
-ROWS = ("top", "upper", "lower", "bottom")
+SIZES = (("tiny", 0.07), ("small", 0.11), ("large", 0.16), ("huge", 1.0))  # name, radius below
+# Object radius range (fraction of the picture) at the start and at the end of the curriculum: a tiny
+# ViT learns where a large shape is within a few hundred steps, where a small one is only after that.
+RADIUS_START = (0.12, 0.26)
+RADIUS_END = (0.035, 0.2)
+COLUMNS = ("far left", "left", "centre", "right", "far right")
+ROWS = ("top", "upper", "middle", "lower", "bottom")
 DIRECTIONS = ("up", "right", "down", "left")  # what a triangle points at / a bar's tilt
 
 
@@ -95,16 +107,18 @@ def _background(rng: np.random.Generator, xs: np.ndarray, ys: np.ndarray) -> np.
     return base * (1 - weight[..., None]) + other * weight[..., None]
 
 
-def render_captioned_image(rng: np.random.Generator, size: int) -> Tuple[np.ndarray, str]:
-    """One synthetic picture and its caption: uint8 ``[S, S, 3]`` RGB and a string."""
+def render_captioned_image(rng: np.random.Generator, size: int,
+                           radius_range: Tuple[float, float] = RADIUS_END) -> Tuple[np.ndarray, str]:
+    """One synthetic picture and its caption: uint8 ``[S, S, 3]`` RGB and a string. Object radii are
+    drawn from ``radius_range`` (fractions of the picture size)."""
     coords = (np.arange(size, dtype=np.float32) + 0.5) / size
     ys, xs = np.meshgrid(coords, coords, indexing="ij")
     canvas = _background(rng, xs, ys)
     phrases: List[str] = []
-    for _ in range(1 if rng.uniform() < 0.6 else 2):
+    for _ in range(1):  # one shape a picture: what a frame of most synthetic motions shows
         shape = str(rng.choice(SHAPES))
-        size_name, r_low, r_high = SIZES[rng.integers(len(SIZES))]
-        radius = rng.uniform(r_low, r_high)
+        radius = rng.uniform(*radius_range)
+        size_name = next(name for name, below in SIZES if radius < below)
         colour_name = str(rng.choice(list(COLOURS)))
         cx, cy = rng.uniform(0.12, 0.88, 2)
         angle = rng.uniform(0, 2 * math.pi)
@@ -114,7 +128,9 @@ def render_captioned_image(rng: np.random.Generator, size: int) -> Tuple[np.ndar
         direction = DIRECTIONS[int(((angle + math.pi / 2) % (2 * math.pi)) / (math.pi / 2) + 0.5) % 4]
         pose = {"triangle": f" pointing {direction}",
                 "bar": " lying flat" if direction in ("left", "right") else " standing upright"}.get(shape, "")
-        phrases.append(f"a {size_name} {colour_name} {shape}{pose} at the {_bin(cy, ROWS)} {_bin(cx, COLUMNS)}")
+        # Colours are drawn but not named: the captions ask for what motion is made of (where, how
+        # big, how turned), so the features learn that rather than the easier colour cue.
+        phrases.append(f"a {size_name} {shape}{pose} at the {_bin(cy, ROWS)} {_bin(cx, COLUMNS)}")
     caption = ", and ".join(phrases)
     if rng.uniform() < 0.25:
         canvas = canvas * 0.35
@@ -122,23 +138,31 @@ def render_captioned_image(rng: np.random.Generator, size: int) -> Tuple[np.ndar
     return (np.clip(canvas, 0, 1) * 255 + 0.5).astype(np.uint8), caption
 
 
-def caption_batch(rng: np.random.Generator, count: int, size: int) -> Tuple[np.ndarray, List[str]]:
+def caption_words() -> List[str]:
+    """The content words captions use (sizes, shapes, poses, places, light): targets of the word head."""
+    phrases = [name for name, _ in SIZES] + list(SHAPES) + list(DIRECTIONS) + list(ROWS) + list(COLUMNS)
+    phrases += ["pointing", "lying flat", "standing upright", "dim"]
+    return sorted({word for phrase in phrases for word in phrase.split()})
+
+
+def caption_batch(rng: np.random.Generator, count: int, size: int,
+                  radius_range: Tuple[float, float] = RADIUS_END) -> Tuple[np.ndarray, List[str]]:
     """``count`` pictures uint8 ``[count, S, S, 3]`` and their captions."""
-    pairs = [render_captioned_image(rng, size) for _ in range(count)]
+    pairs = [render_captioned_image(rng, size, radius_range) for _ in range(count)]
     return np.stack([p[0] for p in pairs]), [p[1] for p in pairs]
 
 
 # --------------------------------------------------------------------------- training
 def pretrain_backbone(backbone: str, out: Union[str, Path], settings: PretrainConfig, *,
                       progress: bool = True) -> Dict[str, object]:
-    """Train a randomly initialised open_clip ``backbone`` (both towers) with the CLIP loss on synthetic
-    image-caption pairs and save its state_dict to ``out`` (loadable with ``ModelConfig(pretrained=out)``).
+    """Train the image tower of a randomly initialised open_clip ``backbone`` to predict caption words of
+    synthetic pictures, then save the whole model's state_dict to ``out`` (loadable with
+    ``ModelConfig(pretrained=out)``).
 
     Returns:
-        dict with ``path``, ``steps``, ``final_loss``, ``retrieval_accuracy`` (image->caption top-1 on a
-        held-out batch, percent; captions that coincide count as correct), ``seconds``, ``settings``.
+        dict with ``path``, ``steps``, ``final_loss``, ``word_f1`` (word prediction F1 on a held-out batch
+        of small-object pictures, percent), ``seconds``, ``settings``.
     """
-    from training.losses import contrastive_kl_loss
     from training.model import load_backbone
 
     started = time.perf_counter()
@@ -146,54 +170,61 @@ def pretrain_backbone(backbone: str, out: Union[str, Path], settings: PretrainCo
     torch.manual_seed(settings.seed)
     backbone_obj = load_backbone(backbone, None)
     clip = backbone_obj.clip
-    clip.requires_grad_(True)
-    clip.train()
+    visual = clip.visual
+    visual.requires_grad_(True)
+    visual.train()
     size = backbone_obj.image_size[0]
     mean = torch.tensor(backbone_obj.mean).view(1, 3, 1, 1)
     std = torch.tensor(backbone_obj.std).view(1, 3, 1, 1)
-    tokenizer = backbone_obj.tokenizer
+    words = caption_words()
+    word_index = {word: i for i, word in enumerate(words)}
+    word_head = torch.nn.Linear(visual.output_dim, len(words))  # image features -> caption words; dropped after
 
-    def encode(images: np.ndarray, captions: List[str]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def word_logits(images: np.ndarray) -> torch.Tensor:
         pixels = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0 - mean) / std  # [B, 3, S, S]
-        unique = {c: i for i, c in enumerate(dict.fromkeys(captions))}
-        labels = torch.tensor([unique[c] for c in captions])  # same caption -> same label (several positives)
-        return clip.encode_image(pixels), clip.encode_text(tokenizer(captions)), labels
+        return word_head(visual(pixels))  # [B, V]
 
-    decay = [p for n, p in clip.named_parameters() if p.ndim >= 2 and "logit_scale" not in n]
-    no_decay = [p for n, p in clip.named_parameters() if p.ndim < 2 or "logit_scale" in n]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=settings.lr)
+    def word_targets(captions: List[str]) -> torch.Tensor:
+        targets = torch.zeros(len(captions), len(words))  # [B, V] multi-hot
+        for row, caption in enumerate(captions):
+            for word in caption.replace(",", " ").split():
+                if word in word_index:
+                    targets[row, word_index[word]] = 1.0
+        return targets
+
+    params = [*visual.parameters(), *word_head.parameters()]
+    optimizer = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": settings.weight_decay},
+                                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=settings.lr)
     warmup = max(1, settings.warmup_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
-        1 + math.cos(math.pi * min(1.0, s / max(1, settings.steps)))))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     rng = np.random.default_rng([settings.seed, 1])
     loss_value = float("nan")
     bar = tqdm(range(settings.steps), desc=f"pretrain {backbone}", unit="step", disable=not progress, leave=False)
-    for _ in bar:
-        images, captions = caption_batch(rng, settings.batch_size, size)
-        image_feats, text_feats, labels = encode(images, captions)
-        loss = contrastive_kl_loss(image_feats, text_feats, labels, clip.logit_scale)
+    for step in bar:
+        shrink = min(1.0, step / max(1.0, 0.6 * settings.steps))  # object sizes shrink over 60% of the steps
+        radius_range = tuple(a + (b - a) * shrink for a, b in zip(RADIUS_START, RADIUS_END))
+        images, captions = caption_batch(rng, settings.batch_size, size, radius_range)
+        loss = F.binary_cross_entropy_with_logits(word_logits(images), word_targets(captions))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
-        with torch.no_grad():
-            clip.logit_scale.clamp_(0, math.log(100))
         loss_value = float(loss.detach())
         bar.set_postfix(loss=f"{loss_value:.3f}")
-    clip.eval()
+    visual.eval()
+    visual.requires_grad_(False)
     with torch.no_grad():
-        images, captions = caption_batch(np.random.default_rng([settings.seed, 2]), 128, size)
-        image_feats, text_feats, labels = encode(images, captions)
-        best = (image_feats / image_feats.norm(dim=-1, keepdim=True)) @ (
-            text_feats / text_feats.norm(dim=-1, keepdim=True)).t()
-        retrieval = float((labels[best.argmax(dim=-1)] == labels).float().mean()) * 100.0
+        images, captions = caption_batch(np.random.default_rng([settings.seed, 2]), 256, size)
+        predicted = word_logits(images) > 0
+        truth = word_targets(captions) > 0
+        hits = float((predicted & truth).sum())
+        word_f1 = 200.0 * hits / max(1.0, float(predicted.sum() + truth.sum()))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     torch.save(clip.state_dict(), tmp)
     os.replace(tmp, out)
-    result = {"path": str(out), "steps": settings.steps, "final_loss": loss_value, "retrieval_accuracy": retrieval,
+    result = {"path": str(out), "steps": settings.steps, "final_loss": loss_value, "word_f1": word_f1,
               "seconds": round(time.perf_counter() - started, 1), "settings": asdict(settings)}
-    logger.info("stand-in pretraining of %s: loss %.3f, caption retrieval %.1f%%, %.0f s -> %s", backbone,
-                loss_value, retrieval, result["seconds"], out)
+    logger.info("stand-in pretraining of %s: loss %.3f, caption word F1 %.1f%%, %.0f s -> %s", backbone,
+                loss_value, word_f1, result["seconds"], out)
     return result

@@ -367,7 +367,17 @@ def train(config: Union[str, Path, Dict[str, Any], TrainConfig], data: Union[str
         if not isinstance(max_steps, int) or max_steps < 1:
             raise ConfigError(f"max_steps must be a positive integer, got {max_steps!r}")
         cfg.max_steps = max_steps
-    data, out = Path(data), Path(out)
+    threads_before = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _train(cfg, Path(data), Path(out), resume, device, progress, started)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _train(cfg: TrainConfig, data: Path, out: Path, resume: bool, device: Optional[str], progress: bool,
+           started: float) -> Dict[str, Any]:
     info = init_distributed(device)
     _check_data(cfg, data)
 

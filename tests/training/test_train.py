@@ -14,9 +14,19 @@ from training.pretrain import pretrain_backbone, render_captioned_image
 from training.train import EpisodicObjective, TrainingError, train
 
 # A fast episodic run on the tiny random backbone (no stand-in pretraining in tests).
-FAST = ["model.pretrained=null", "pretrain.steps=0", "model.tpcm_ffn=64", "data.num_workers=0",
+FAST = ["model.pretrained=null", "pretrain.steps=0", "model.tpcm_ffn=64", "data.num_workers=0", "model.adapter=ted+ma",
+        "model.alpha=0.5", "threads=1",
         "episodic.query=1", "episodic.episodes=40", "val.every=2", "val.episodes=10", "val.query=1",
         "log_every=1", "save_every=2"]
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Small tensors: one intra-op thread is as fast and does not stall when other jobs share the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
