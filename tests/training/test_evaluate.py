@@ -15,6 +15,15 @@ from training.model import ModelConfig, build_model
 TINY = dict(backbone="fsar-tiny", pretrained=None, adapter="ted+ma", metric="otam", tpcm_ffn=64)
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Small tensors: one intra-op thread is as fast and does not stall when other jobs share the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def synth_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
@@ -100,3 +109,27 @@ def test_bad_arguments_are_clear(synth_root, tmp_path):
         evaluate(None, synth_root, way=0, model_config=TINY, progress=False)
     with pytest.raises(ValueError, match="needs 7"):
         evaluate(None, synth_root, way=7, model_config=TINY, episodes=5, num_workers=0, progress=False, device="cpu")
+
+
+def test_baseline_table_compares_trained_with_untrained_and_frame_mean(synth_root, tmp_path):
+    from training.evaluate import baseline_table, untrained_like
+
+    model = _perturbed_model("otam", seed=2)
+    path = tmp_path / "trained.pt"
+    save_checkpoint(path, model)
+    untrained = untrained_like(model)
+    frames = load_dataset(synth_root, "test", num_frames=8, size=64, mode="test")[0][0].unsqueeze(0)  # [1, T, S, S, 3]
+    torch.manual_seed(2)  # the same random backbone as _perturbed_model(seed=2), without adapters
+    frozen_clip = build_model(ModelConfig(**{**TINY, "adapter": "none"})).eval()
+    with torch.no_grad():
+        frozen_feats = frozen_clip.encode_video(frames)  # the frozen backbone's own per-frame features
+        assert torch.allclose(untrained.encode_video(frames), frozen_feats, atol=1e-5)  # adapters back to identity
+        assert not torch.allclose(model.encode_video(frames), frozen_feats, atol=1e-3)
+    result = baseline_table(path, synth_root, episodes=20, num_workers=0, progress=False, device="cpu",
+                            json_path=tmp_path / "table.json")
+    methods = [row["method"] for row in result["rows"]]
+    assert methods == ["trained adapters + OTAM", "trained adapters + frame-mean",
+                       "untrained adapters + OTAM", "untrained adapters + frame-mean"]
+    assert all(0.0 <= row["accuracy"] <= 100.0 and row["ci95"] >= 0.0 for row in result["rows"])
+    assert "| trained adapters + OTAM |" in result["table"]
+    assert json.loads((tmp_path / "table.json").read_text())["rows"][0]["method"] == methods[0]
