@@ -331,7 +331,10 @@ def _comparable(cfg_dict: Dict[str, Any]) -> Dict[str, Any]:
 def total_steps_for(cfg: TrainConfig, world_size: int, batches_per_epoch: int = 0) -> int:
     """Optimiser steps of the full recipe (what the schedule spans): episodes, or epochs x batches."""
     if cfg.regime == "episodic":
-        return max(1, math.ceil(cfg.episodic.episodes / (cfg.grad_accum * world_size)))
+        if cfg.episodic.episodes < cfg.grad_accum * world_size:
+            raise ConfigError(f"episodic.episodes ({cfg.episodic.episodes}) is fewer than one optimiser step "
+                              f"takes (grad_accum {cfg.grad_accum} x {world_size} processes)")
+        return max(1, cfg.episodic.episodes // (cfg.grad_accum * world_size))  # whole steps only
     return max(1, cfg.supervised.epochs * (batches_per_epoch // cfg.grad_accum))
 
 
