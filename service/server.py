@@ -48,9 +48,16 @@ def _setup_logging(settings: Settings) -> None:
 
 
 def serve(settings: Settings) -> None:
-    """Run the HTTP server until interrupted. A model that cannot load stops it at start-up."""
+    """Run the HTTP server until interrupted. A model that cannot load, or an unusable API key
+    configuration (`SystemExit` with one sentence, before anything starts), stops it at start-up."""
     import uvicorn
 
+    from service.auth import KeyConfigError, load_key_ring
+
+    try:
+        load_key_ring(settings)  # every worker reads the keys again; fail once, clearly, here
+    except KeyConfigError as err:
+        raise SystemExit(f"fsar serve: {err}") from None
     _setup_logging(settings)
     _preflight(settings)
     log = logging.getLogger("service.server")

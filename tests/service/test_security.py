@@ -88,6 +88,15 @@ def test_key_settings_errors_stop_the_app_at_creation(tmp_path: Path) -> None:
     assert Settings(api_keys=KEYS).redacted()["api_keys"] == "***"
 
 
+def test_serve_stops_with_one_sentence_on_a_bad_key_file(tmp_path: Path) -> None:
+    from service.server import serve
+
+    (tmp_path / "keys").write_text(f"alice:{ALICE_KEY}\nbob-without-a-key\n")
+    with pytest.raises(SystemExit) as info:
+        serve(tiny_settings(api_keys_file=str(tmp_path / "keys")))
+    assert str(info.value) == f"fsar serve: entry 2 of api_keys_file {tmp_path / 'keys'} is not 'tenant:key'."
+
+
 def test_key_ring_compares_against_every_key(monkeypatch) -> None:
     """A match does not end the loop early: every digest is compared with hmac.compare_digest, whatever
     the key, so timing reveals neither whether nor which key matched."""
