@@ -49,6 +49,7 @@ class AofRedis:
         return f"redis://127.0.0.1:{port or self.port}/13"
 
     def start(self) -> None:
+        assert self.proc is None or self.proc.poll() is not None, "redis-server is still running"
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir),
