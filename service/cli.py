@@ -103,11 +103,20 @@ def eval_cmd(
     metric: Optional[str] = typer.Option(None, help="Evaluate with another metric (otam | bimhm | mean | trx)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON."),
     device: Optional[str] = typer.Option(None, help="cpu | cuda (default: CUDA when available)."),
+    baselines: bool = typer.Option(
+        False, help="Compare on the same episodes: trained vs untrained model, each with its metric and frame-mean."),
 ) -> None:
     """Few-shot accuracy with its 95% interval over seeded episodes, plus zero-shot accuracy."""
+    kwargs = {"seed": seed} if seed is not None else {}
+    if baselines:
+        from training.evaluate import baseline_table
+
+        table = baseline_table(checkpoint, data, split=split, way=way, shot=shot, query=query,
+                               episodes=episodes, json_path=json_path, device=device, **kwargs)
+        typer.echo(table["table"])
+        return
     from training.evaluate import evaluate
 
-    kwargs = {"seed": seed} if seed is not None else {}
     result = evaluate(checkpoint, data, split=split, way=way, shot=shot, query=query, episodes=episodes,
                       json_path=json_path, metric=metric, device=device, **kwargs)
     typer.echo(json.dumps(result, indent=2, default=str))
@@ -122,6 +131,7 @@ def demo_cmd(
     max_steps: Optional[int] = typer.Option(None, help="Cap the one-off training (default: the preset's)."),
     retrain: bool = typer.Option(False, help="Train the demo model again even if it is cached."),
     no_serve: bool = typer.Option(False, "--no-serve", help="Stop after the checks instead of serving."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides of the synthetic-tiny preset."),
 ) -> None:
     """Offline demo: synthetic data, a tiny model trained once, served with curl examples."""
     _setup_logging()
@@ -129,7 +139,7 @@ def demo_cmd(
     from service.demo import run_demo
 
     run_demo(workdir, host=host, port=port or None, max_steps=max_steps, retrain=retrain,
-             serve_forever=not no_serve)
+             serve_forever=not no_serve, overrides=list(overrides or []))
 
 
 # --------------------------------------------------------------------------- serve

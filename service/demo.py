@@ -1,8 +1,9 @@
 """`fsar demo`: the whole product on one machine with no network and no CLIP weights.
 
 1. writes the synthetic motion dataset (`fsar synth`) if it is not there yet;
-2. trains the `synthetic-tiny` preset once (tiny random-weight backbone, adapters + TPCM + OTAM;
-   the checkpoint is cached, later runs reuse it);
+2. trains the `synthetic-tiny` preset once (a tiny backbone given a short stand-in pretraining on
+   synthetic captioned images, then TPCM + OTAM trained on episodes; see docs/learning.md); the
+   checkpoint is cached and later runs reuse it;
 3. serves that checkpoint with the embedded backend (`demo=True`: the model card says "demo model");
 4. registers a support set (one clip per held-out test class) over HTTP, classifies held-out clips
    of those classes over HTTP, and prints ready-to-paste curl commands (few-shot, zero-shot, hybrid).
@@ -18,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 DEFAULT_WORKDIR = Path("runs")
 PRESET = "synthetic-tiny"
@@ -61,7 +62,8 @@ def ensure_dataset(data_dir: Path, say: Callable[[str], None]) -> Path:
 
 
 def ensure_checkpoint(data_dir: Path, run_dir: Path, say: Callable[[str], None], *,
-                      max_steps: Optional[int] = None, retrain: bool = False) -> tuple[Path, bool]:
+                      max_steps: Optional[int] = None, retrain: bool = False,
+                      overrides: Sequence[str] = ()) -> tuple[Path, bool]:
     """Train the `synthetic-tiny` preset once; return (checkpoint, trained_now)."""
     done = run_dir / "DONE.json"
     if retrain and run_dir.exists():
@@ -74,7 +76,7 @@ def ensure_checkpoint(data_dir: Path, run_dir: Path, say: Callable[[str], None],
     from training.train import train
 
     say(f"demo model: training the '{PRESET}' preset on CPU (once; cached in {run_dir})")
-    summary = train(PRESET, data_dir, run_dir, max_steps=max_steps, resume=True)
+    summary = train(PRESET, data_dir, run_dir, max_steps=max_steps, overrides=list(overrides), resume=True)
     checkpoint = Path(summary.get("best_checkpoint") or summary["last_checkpoint"])
     done.write_text(json.dumps({"checkpoint": str(checkpoint), "steps": summary.get("steps"),
                                 "best_val_accuracy": summary.get("best_val_accuracy")}, indent=2))
@@ -141,7 +143,8 @@ def _curl_lines(url: str, set_id: str, sample: Path, labels: List[str]) -> List[
 
 def run_demo(workdir: Path = DEFAULT_WORKDIR, host: str = "127.0.0.1", port: Optional[int] = 8000, *,
              max_steps: Optional[int] = None, retrain: bool = False, serve_forever: bool = True,
-             samples_per_class: int = 2, say: Callable[[str], None] = print) -> DemoResult:
+             samples_per_class: int = 2, overrides: Sequence[str] = (),
+             say: Callable[[str], None] = print) -> DemoResult:
     """Run the offline demo; blocks serving until Ctrl-C when `serve_forever`, else returns after checks.
 
     Args:
@@ -152,6 +155,7 @@ def run_demo(workdir: Path = DEFAULT_WORKDIR, host: str = "127.0.0.1", port: Opt
         retrain: train again even if a demo checkpoint exists.
         serve_forever: keep serving after printing the curl commands (False: stop and return).
         samples_per_class: held-out clips classified per test class.
+        overrides: ``key=value`` overrides of the preset for the one-off training (tests shorten it).
     """
     import httpx
 
@@ -161,7 +165,7 @@ def run_demo(workdir: Path = DEFAULT_WORKDIR, host: str = "127.0.0.1", port: Opt
     workdir = Path(workdir)
     data_dir = ensure_dataset(workdir / "demo-data", say)
     checkpoint, trained_now = ensure_checkpoint(data_dir, workdir / "demo", say, max_steps=max_steps,
-                                                retrain=retrain)
+                                                retrain=retrain, overrides=overrides)
 
     port = port or _free_port(host)
     url = f"http://{host}:{port}"
@@ -218,8 +222,8 @@ def run_demo(workdir: Path = DEFAULT_WORKDIR, host: str = "127.0.0.1", port: Opt
         zero_correct = sum(1 for s in result.samples if s["zero_shot"][0]["label"] == s["true_label"])
         say(f"few-shot top-1: {result.few_shot_correct}/{len(result.samples)} correct, zero-shot top-1: "
             f"{zero_correct}/{len(result.samples)} (chance {chance:.0%}).")
-        say("The demo model is a tiny random-weight CLIP trained for minutes on synthetic clips; its text tower "
-            "knows little language, so expect weak zero-shot here. Serve real CLIP weights for real zero-shot.")
+        say("The demo model is a tiny CLIP trained for minutes on synthetic data; its text tower is untrained, "
+            "so zero-shot here is noise. Serve real CLIP weights for real zero-shot.")
         first = Path(result.samples[0]["path"]) if result.samples else by_class[classes[0]][0]
         result.curl = _curl_lines(url, support_set["id"], first.resolve(), candidate_labels)
         say("")

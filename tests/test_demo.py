@@ -1,0 +1,46 @@
+"""`fsar demo` end to end, shortened: synthetic data, one-off training, the embedded gateway over HTTP."""
+from __future__ import annotations
+
+import math
+
+import httpx
+
+from service.demo import run_demo
+
+
+def test_demo_trains_once_registers_held_out_classes_and_classifies_over_http(tmp_path):
+    said: list[str] = []
+    short = ["pretrain.steps=3", "pretrain.batch_size=8", "episodic.episodes=6", "val.episodes=5"]
+    result = run_demo(tmp_path, port=None, serve_forever=False, samples_per_class=1, overrides=short,
+                      say=said.append)
+
+    assert result.trained_now and result.checkpoint.is_file()
+    classes = [c["label"] for c in result.support_set["classes"]]
+    assert len(classes) >= 5 and all(c["shots"] == 1 for c in result.support_set["classes"])
+    assert len(result.samples) == len(classes)
+    for sample in result.samples:
+        for mode in ("few_shot", "zero_shot"):
+            assert {p["label"] for p in sample[mode]} <= set(classes)
+        assert sample["true_label"] in classes
+    # The printed commands are ready to paste: they name a real sample file and the registered set.
+    assert any(result.support_set["id"] in block and "/classify" in block for block in result.curl)
+    assert any("labels=" in block for block in result.curl)
+    assert any("few-shot top-1" in line for line in said)
+
+    # A second run reuses the cached checkpoint and dataset instead of training again, and the
+    # model card says plainly that it is a demo model.
+    seen: dict = {}
+
+    def grab(text: str) -> None:
+        said.append(text)
+        for line in text.splitlines():  # fetch the printed model-card URL while the server is still up
+            if line.startswith("curl -s http") and line.endswith("/model") and "card" not in seen:
+                seen["card"] = httpx.get(line.split()[-1], timeout=30).json()
+
+    again = run_demo(tmp_path, port=None, serve_forever=False, samples_per_class=1, overrides=short, say=grab)
+    assert not again.trained_now and again.checkpoint == result.checkpoint
+    assert "demo model" in seen["card"]["description"]
+    for sample in again.samples:
+        scores = [p["score"] for p in sample["few_shot"]]
+        assert all(0.0 <= s <= 1.0 and not math.isnan(s) for s in scores) and sum(scores) <= 1.0 + 1e-5
+
