@@ -310,6 +310,10 @@ class GatewayProcess:
         tree's peak, since processes peak at different times) and ``processes``."""
         return process_tree_memory(self.pid)
 
+    def cpu_seconds(self) -> float:
+        """CPU seconds used so far by the server process and its children."""
+        return process_tree_cpu_seconds(self.pid)
+
     def reset_peak(self) -> None:
         """Restart the peak-RSS count (``VmHWM``) of every process of the tree from its current RSS
         (Linux ``clear_refs`` 5)."""
@@ -346,6 +350,20 @@ def process_memory(pid: int) -> dict[str, int]:
         if name in ("VmRSS", "VmHWM"):
             fields[name] = int(value.split()[0]) * 1024  # kB
     return {"rss_bytes": fields["VmRSS"], "peak_rss_bytes": fields["VmHWM"]}
+
+
+def process_tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) used so far by ``pid`` and its live descendants, including
+    children they have reaped (``/proc/<pid>/stat`` fields 14-17)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for member in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += sum(int(value) for value in fields[11:15])  # utime, stime, cutime, cstime
+    return total / ticks
 
 
 def process_tree_memory(pid: int) -> dict[str, int]:

@@ -22,20 +22,28 @@ store; ``server_ms`` is its mean ``/classify`` duration), gateway overhead = cli
 request's own ``timings_ms`` decode + encode + match (p50, per request), and the backend counters
 added during the level (support videos encoded must stay 0: classify never re-encodes the set).
 ``speedup_vs_baseline`` = throughput / naive throughput at the same concurrency;
-``p50_speedup_vs_baseline`` = naive p50 latency / p50 latency.
+``p50_speedup_vs_baseline`` = naive p50 latency / p50 latency; ``cpu_ms_per_request`` is the CPU
+time the gateway (server process and decode workers) or the naive pipeline (this process) used per
+request, and ``cpu_speedup_vs_baseline`` its ratio: unlike wall time, it hardly moves when other jobs
+share the machine. Each level runs the gateway rows
+and then the naive row, level after level, so drifts in machine load hit both sides.
+``baseline_agrees_with_gateway`` is the share of requests where both gave the same top label.
 
-JSON: ``{"machine", "quick", "settings", "clips", "registration", "baseline", "results": [row],
+JSON: ``{"machine", "quick", "settings", "clips", "gateway_startup_s", "gateway_memory",
+"registration", "baseline": [row], "results": [row], "baseline_agrees_with_gateway",
 "support_reencoded_during_classify", "targets"}``; ``targets`` holds each target's ``value``,
 ``target`` and ``met``.
 
 Run: ``python -m bench.e2e [--quick] [--json out.json] [--backbone NAME] [--concurrency 1 4 16]
-[--requests N] [--workdir DIR] [--redis-url URL|none]``.
+[--requests N] [--workdir DIR] [--redis-url URL|none] [--gateway-setting NAME=VALUE ...]``;
+``python -m bench.e2e --memory [--json out.json]`` runs :func:`upload_memory` instead.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import io
+import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -76,9 +84,8 @@ def default_backbone(quick: bool) -> str:
 
 
 def requests_per_level(concurrency: int, quick: bool) -> int:
-    """Requests timed at one concurrency: at least two rounds of ``concurrency`` (full run: at
-    least 6; quick: at least 3)."""
-    return max(3 if quick else 6, (1 if quick else 2) * concurrency)
+    """Requests timed at one concurrency: ``concurrency``, and at least 8 (quick: 3)."""
+    return max(3 if quick else 8, concurrency)
 
 
 def resolve_redis(redis_url: str | None) -> str | None:
@@ -146,19 +153,19 @@ class NaivePipeline:
 
 
 def run_naive(pipeline: NaivePipeline, support: Sequence[bytes], queries: Sequence[bytes],
-              concurrency: int) -> tuple[list[float], float, list[str]]:
+              concurrency: int) -> tuple[list[float], float, list[str], float]:
     """Every query through the naive pipeline with ``concurrency`` threads: per-request seconds,
-    wall seconds, predicted labels."""
+    wall seconds, predicted labels, and the CPU seconds this process used meanwhile."""
     def one(query: bytes) -> tuple[float, str]:
         start = time.perf_counter()
         label = pipeline.classify(support, LABELS, query)
         return time.perf_counter() - start, label
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="naive") as pool:
         results = list(pool.map(one, queries))
-    wall = time.perf_counter() - start
-    return [seconds for seconds, _ in results], wall, [label for _, label in results]
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    return [seconds for seconds, _ in results], wall, [label for _, label in results], cpu
 
 
 # ------------------------------------------------------------------------------------- gateway
@@ -178,9 +185,9 @@ async def drive(client: Any, queries: Sequence[bytes], support_set_id: str, conc
     return [result for result in results if result is not None], time.perf_counter() - start
 
 
-def gateway_row(name: str, concurrency: int, responses: list[tuple[dict, float]], wall: float,
+def gateway_row(name: str, concurrency: int, responses: list[tuple[dict, float]], wall: float, cpu: float,
                 deltas: dict[str, Any]) -> dict[str, Any]:
-    """One result row from a level's responses and the metrics it added."""
+    """One result row from a level's responses, the gateway's CPU seconds and the metrics it added."""
     latencies = [seconds for _, seconds in responses]
     overheads = [seconds * 1000.0 - sum(body["timings_ms"][k] for k in ("decode", "encode", "match"))
                  for body, seconds in responses]
@@ -190,6 +197,7 @@ def gateway_row(name: str, concurrency: int, responses: list[tuple[dict, float]]
         "requests": len(responses),
         **percentiles_ms(latencies),
         "throughput_rps": round(len(responses) / wall, 3),
+        "cpu_ms_per_request": round(cpu * 1000.0 / len(responses), 1),
         **{key: deltas[key] for key in ("decode_ms", "encode_ms", "match_ms", "store_ms", "server_ms")},
         "overhead_p50_ms": round(float(np.percentile(overheads, 50)), 2),
         "overhead_p95_ms": round(float(np.percentile(overheads, 95)), 2),
@@ -198,15 +206,18 @@ def gateway_row(name: str, concurrency: int, responses: list[tuple[dict, float]]
     }
 
 
-async def _gateway_levels(gateway: GatewayProcess, clips, concurrency_levels: Sequence[int], quick: bool,
-                          requests: int | None, repeated: bool, run_tag: str) -> dict[str, Any]:
-    """Register the set, warm up, and time every level (distinct, then repeated queries)."""
+async def _measure(gateway: GatewayProcess, pipeline: NaivePipeline, clips, concurrency_levels: Sequence[int],
+                   quick: bool, requests: int | None, repeated: bool, run_tag: str) -> dict[str, Any]:
+    """Register the set and warm both sides up, then per level: the gateway with distinct queries,
+    with a repeated query, and the naive pipeline (interleaved, so drifts in machine load hit all)."""
     import httpx
 
     connections = max(concurrency_levels) + 4
     limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
     async with httpx.AsyncClient(base_url=gateway.url, timeout=900, limits=limits) as client:
         model = (await client.get("/model")).json()
+        if pipeline.fingerprint != model["fingerprint"]:
+            raise RuntimeError("the naive pipeline's model differs from the gateway's (fingerprints differ)")
         before_registration = await scrape(client)
         set_id, registration_s = await register_support_set(client, clips.support)
         after_registration = await scrape(client)
@@ -216,33 +227,41 @@ async def _gateway_levels(gateway: GatewayProcess, clips, concurrency_levels: Se
         warmup = [retagged(clips.queries[i % len(clips.queries)], f"{run_tag}-warmup{i}") for i in range(WARMUP * 2)]
         await drive(client, warmup[:WARMUP], set_id, 1)
         await drive(client, warmup[WARMUP:], set_id, min(WARMUP, max(concurrency_levels)))
-        rows, labels_by_query = [], {}
+        await asyncio.to_thread(run_naive, pipeline, clips.support, clips.queries[:WARMUP], 1)
+        rows, baseline_rows, agree, compared = [], [], 0, 0
         for concurrency in concurrency_levels:
             count = requests or requests_per_level(concurrency, quick)
-            tags = [f"{run_tag}-c{concurrency}-{i}" for i in range(count)]
             bases = [i % len(clips.queries) for i in range(count)]
-            queries = [retagged(clips.queries[b], tag) for b, tag in zip(bases, tags, strict=False)]
-            before = await scrape(client)
+            queries = [retagged(clips.queries[b], f"{run_tag}-c{concurrency}-{i}") for i, b in enumerate(bases)]
+            before, cpu = await scrape(client), gateway.cpu_seconds()
             responses, wall = await drive(client, queries, set_id, concurrency)
+            cpu = gateway.cpu_seconds() - cpu
             deltas = stage_deltas(before, await scrape(client), count)
-            rows.append(gateway_row("gateway", concurrency, responses, wall, deltas))
-            for base, (body, _) in zip(bases, responses, strict=False):
-                labels_by_query.setdefault(base, body["predictions"][0]["label"])
+            rows.append(gateway_row("gateway", concurrency, responses, wall, cpu, deltas))
+            gateway_labels = [body["predictions"][0]["label"] for body, _ in responses]
             if repeated:
                 same = retagged(clips.queries[0], f"{run_tag}-c{concurrency}-repeated")
                 await classify(client, same, set_id)  # the first one fills the cache
-                before = await scrape(client)
+                before, cpu = await scrape(client), gateway.cpu_seconds()
                 responses, wall = await drive(client, [same] * count, set_id, concurrency)
+                cpu = gateway.cpu_seconds() - cpu
                 deltas = stage_deltas(before, await scrape(client), count)
-                rows.append(gateway_row("gateway (repeated query)", concurrency, responses, wall, deltas))
-    return {"model": model, "set_id": set_id, "registration": registration, "rows": rows,
-            "labels_by_query": labels_by_query}
+                rows.append(gateway_row("gateway (repeated query)", concurrency, responses, wall, cpu, deltas))
+            latencies, wall, labels, cpu = await asyncio.to_thread(
+                run_naive, pipeline, clips.support, [clips.queries[b] for b in bases], concurrency)
+            baseline_rows.append({"row": "naive", "concurrency": concurrency, "requests": count,
+                                  **percentiles_ms(latencies), "throughput_rps": round(count / wall, 3),
+                                  "cpu_ms_per_request": round(cpu * 1000.0 / count, 1)})
+            compared += count
+            agree += sum(ours == theirs for ours, theirs in zip(gateway_labels, labels, strict=True))
+    return {"model": model, "registration": registration, "rows": rows, "baseline": baseline_rows,
+            "agreement": round(agree / compared, 3)}
 
 
 # ----------------------------------------------------------------------------------------- run
 def run(quick: bool = False, json_path: str | None = None, *, backbone: str | None = None,
         concurrency: Sequence[int] = CONCURRENCY, requests: int | None = None, workdir: str | None = None,
-        redis_url: str | None = AUTO, repeated: bool = True) -> dict[str, Any]:
+        redis_url: str | None = AUTO, repeated: bool = True, gateway: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the benchmark, print its table, write the JSON report when ``json_path`` is given.
 
     Args:
@@ -254,6 +273,8 @@ def run(quick: bool = False, json_path: str | None = None, *, backbone: str | No
         workdir: where generated clips are cached (default ``~/.cache/fsar/bench-gateway``).
         redis_url: the gateway's Redis (``"auto"``: the local one if it answers; None: in-process store).
         repeated: also time the same query bytes over and over (query cache hits).
+        gateway: other gateway settings (``service.settings.Settings`` fields), e.g.
+            ``{"encode_concurrency": 2}``; recorded in the report.
 
     Returns:
         The report (see the module docstring).
@@ -264,33 +285,21 @@ def run(quick: bool = False, json_path: str | None = None, *, backbone: str | No
         raise ValueError(f"concurrency levels must be >= 1, got {concurrency}")
     machine = machine_info()
     clips = scenario_clips(quick, workdir)
-    settings = gateway_settings(backbone, redis_url=resolve_redis(redis_url))
-    run_tag = f"e2e-{time.time_ns()}"
-    with GatewayProcess(settings) as gateway:
-        measured = asyncio.run(_gateway_levels(gateway, clips, concurrency, quick, requests, repeated, run_tag))
-        memory = gateway.memory()
+    overrides = dict(gateway or {})
+    settings = gateway_settings(backbone, redis_url=resolve_redis(redis_url), **overrides)
     pipeline = NaivePipeline(backbone, seed=settings.seed)
-    if pipeline.fingerprint != measured["model"]["fingerprint"]:
-        raise RuntimeError("the naive pipeline's model differs from the gateway's (fingerprints differ)")
-    for query in clips.queries[:WARMUP]:  # warm-up
-        pipeline.classify(clips.support, LABELS, query)
-    rows = measured["rows"]
-    baseline_rows, agree, compared = [], 0, 0
-    for level in concurrency:
-        count = requests or requests_per_level(level, quick)
-        bases = [i % len(clips.queries) for i in range(count)]
-        latencies, wall, labels = run_naive(pipeline, clips.support, [clips.queries[b] for b in bases], level)
-        for base, label in zip(bases, labels, strict=False):
-            if base in measured["labels_by_query"]:
-                compared += 1
-                agree += label == measured["labels_by_query"][base]
-        baseline_rows.append({"row": "naive", "concurrency": level, "requests": count, **percentiles_ms(latencies),
-                              "throughput_rps": round(count / wall, 3)})
+    with GatewayProcess(settings) as server:
+        measured = asyncio.run(_measure(server, pipeline, clips, concurrency, quick, requests, repeated,
+                                        f"e2e-{time.time_ns()}"))
+        memory = server.memory()
+    machine["load_avg_end"] = [round(value, 2) for value in os.getloadavg()]
+    rows, baseline_rows = measured["rows"], measured["baseline"]
     baseline_by_level = {row["concurrency"]: row for row in baseline_rows}
     for row in rows:
         base = baseline_by_level[row["concurrency"]]
         row["speedup_vs_baseline"] = ratio(row["throughput_rps"], base["throughput_rps"])
         row["p50_speedup_vs_baseline"] = ratio(base["p50_ms"], row["p50_ms"])
+        row["cpu_speedup_vs_baseline"] = ratio(base["cpu_ms_per_request"], row["cpu_ms_per_request"])
     reencoded = sum(row["counters"]["support_videos_encoded"] for row in rows)
     report = {
         "machine": machine,
@@ -299,20 +308,27 @@ def run(quick: bool = False, json_path: str | None = None, *, backbone: str | No
                      "store": "redis" if settings.redis_url else "memory",
                      "decode_concurrency": settings.decode_concurrency,
                      "encode_concurrency": settings.encode_concurrency,
+                     "overrides": overrides, "torch_threads_naive": _torch_threads(),
                      "fingerprint": measured["model"]["fingerprint"]},
         "clips": clips.describe(),
-        "gateway_startup_s": round(gateway.startup_s or 0.0, 2),
+        "gateway_startup_s": round(server.startup_s or 0.0, 2),
         "gateway_memory": memory,
         "registration": measured["registration"],
         "baseline": baseline_rows,
         "results": rows,
-        "baseline_agrees_with_gateway": None if not compared else round(agree / compared, 3),
+        "baseline_agrees_with_gateway": measured["agreement"],
         "support_reencoded_during_classify": reencoded,
         "targets": _targets(rows, reencoded),
     }
     print(format_report(report))
     write_report(json_path, report)
     return report
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _targets(rows: list[dict[str, Any]], reencoded: int) -> dict[str, dict[str, Any]]:
@@ -332,7 +348,8 @@ def _targets(rows: list[dict[str, Any]], reencoded: int) -> dict[str, dict[str, 
 
 COLUMNS = [("row", "row", ""), ("conc", "concurrency", ""), ("req", "requests", ""), ("p50_ms", "p50_ms", ".1f"),
            ("p95_ms", "p95_ms", ".1f"), ("req/s", "throughput_rps", ".2f"), ("speedup", "speedup_vs_baseline", ".2f"),
-           ("p50_speedup", "p50_speedup_vs_baseline", ".2f"), ("decode_ms", "decode_ms", ".1f"),
+           ("p50_speedup", "p50_speedup_vs_baseline", ".2f"), ("cpu_ms/req", "cpu_ms_per_request", ".0f"),
+           ("cpu_speedup", "cpu_speedup_vs_baseline", ".2f"), ("decode_ms", "decode_ms", ".1f"),
            ("encode_ms", "encode_ms", ".1f"), ("match_ms", "match_ms", ".1f"), ("store_ms", "store_ms", ".1f"),
            ("overhead_p50_ms", "overhead_p50_ms", ".1f"), ("support_enc", "support_videos_encoded", "")]
 
@@ -366,10 +383,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--redis-url", default=AUTO,
                         help="gateway store: 'auto' (local Redis if any), a URL, or 'none'")
     parser.add_argument("--no-repeated", dest="repeated", action="store_false", help="skip the repeated-query rows")
+    parser.add_argument("--gateway-setting", dest="gateway", action="append", default=[], metavar="NAME=VALUE",
+                        help="another gateway setting, e.g. encode_concurrency=2 (repeatable)")
+    parser.add_argument("--memory", action="store_true",
+                        help="instead: gateway RSS under 16 concurrent 50 MB uploads (see upload_memory)")
     args = parser.parse_args(argv)
+    if args.memory:
+        upload_memory(json_path=args.json_path, workdir=args.workdir)
+        return
     redis_url = None if args.redis_url.lower() == "none" else args.redis_url
+    gateway = dict(item.split("=", 1) for item in args.gateway)
     run(quick=args.quick, json_path=args.json_path, backbone=args.backbone, concurrency=args.concurrency,
-        requests=args.requests, workdir=args.workdir, redis_url=redis_url, repeated=args.repeated)
+        requests=args.requests, workdir=args.workdir, redis_url=redis_url, repeated=args.repeated, gateway=gateway)
 
 
 if __name__ == "__main__":
