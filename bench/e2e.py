@@ -397,9 +397,6 @@ def main(argv: list[str] | None = None) -> None:
         requests=args.requests, workdir=args.workdir, redis_url=redis_url, repeated=args.repeated, gateway=gateway)
 
 
-if __name__ == "__main__":
-    main()
-
 
 # ------------------------------------------------------------------------------ upload memory
 class PaddedUpload(io.RawIOBase):
@@ -517,3 +514,7 @@ def upload_memory(uploads: int = 16, upload_mb: float = 50.0, *, backbone: str =
           f"sampled peak {report['peak_sampled_rss_bytes'] / mb:.0f} MB)")
     write_report(json_path, report)
     return report
+
+
+if __name__ == "__main__":
+    main()
