@@ -200,6 +200,42 @@ def bench_decode_cmd(
         workdir=str(workdir) if workdir else None)
 
 
+@bench_app.command("e2e")
+def bench_e2e_cmd(
+    quick: bool = typer.Option(False, help="Tiny clips, fewer requests, the fsar-tiny backbone (under a minute)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the figures to this JSON file."),
+    backbone: Optional[str] = typer.Option(None, help="Backbone (random weights); default fsar-tiny quick, ViT-B-32 full."),
+) -> None:
+    """/classify over HTTP at concurrency 1, 4, 16 against the naive decode-all / encode-all pipeline."""
+    from bench.e2e import run
+
+    run(quick=quick, json_path=str(json_path) if json_path else None, backbone=backbone)
+
+
+@bench_app.command("cache")
+def bench_cache_cmd(
+    quick: bool = typer.Option(False, help="Tiny clips, the fsar-tiny backbone, 3 requests a row."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the figures to this JSON file."),
+    backbone: Optional[str] = typer.Option(None, help="Backbone (random weights)."),
+) -> None:
+    """Feature-cache hit vs miss, and classify against a registered set vs re-registering it."""
+    from bench.cache import run
+
+    run(quick=quick, json_path=str(json_path) if json_path else None, backbone=backbone)
+
+
+@bench_app.command("encoder")
+def bench_encoder_cmd(
+    quick: bool = typer.Option(False, help="A short run (on CPU: a tiny smoke run only)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the figures to this JSON file."),
+    device: Optional[str] = typer.Option(None, help="cuda | cpu (default: cuda; cpu only with --quick)."),
+) -> None:
+    """GPU video-encoder throughput: eager fp16 baseline vs our path, and through Triton."""
+    from bench.encoder import run
+
+    run(quick=quick, json_path=str(json_path) if json_path else None, device=device)
+
+
 def _is_user_error(err: BaseException) -> bool:
     """Our own error types (bad config, missing weights, bad data...) carry a complete message."""
     if isinstance(err, CliError):
