@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -148,6 +149,7 @@ def run(quick: bool = False, json_path: str | None = None, *, backbone: str | No
     settings = gateway_settings(backbone, redis_url=resolve_redis(redis_url))
     with GatewayProcess(settings) as gateway:
         measured = asyncio.run(_measure(gateway, clips, repeats, f"cache-{time.time_ns()}"))
+    machine["load_avg_end"] = [round(value, 2) for value in os.getloadavg()]
     comparisons = [{"name": name, "ours": ours, "baseline": baseline,
                     "speedup_vs_baseline": ratio(baseline["p50_ms"], ours["p50_ms"]),
                     "mean_speedup_vs_baseline": ratio(baseline["mean_ms"], ours["mean_ms"])}
