@@ -114,9 +114,7 @@ def load_backbone(name: str, pretrained: Optional[str] = "openai", quick_gelu: O
         clip = open_clip.create_model(name, pretrained=None, force_quick_gelu=bool(quick_gelu))
         source = "random"
     elif _looks_like_path(pretrained):
-        path = Path(pretrained).expanduser()
-        if not path.is_file():
-            raise PretrainedWeightsError(f"Pretrained weights file {str(path)!r} for {name} does not exist.")
+        path = _existing_weights_file(name, pretrained)
         clip = _create_from_file(name, str(path), bool(quick_gelu), {})
         source = f"file:{path.resolve()}"
     else:
@@ -147,16 +145,9 @@ def check_pretrained_available(name: str, pretrained: Optional[str]) -> None:
     if pretrained is None:
         return
     if _looks_like_path(pretrained):
-        path = Path(pretrained).expanduser()
-        if not path.is_file():
-            raise PretrainedWeightsError(f"Pretrained weights file {str(path)!r} for {name} does not exist.")
+        path = _existing_weights_file(name, pretrained)
         return
-    tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
-    if not tag_cfg:
-        tags = open_clip.list_pretrained_tags_by_model(name)
-        raise PretrainedWeightsError(
-            f"Pretrained value {pretrained!r} is neither a weights file nor a known tag for {name} "
-            f"(known tags: {', '.join(tags) if tags else 'none'}).")
+    tag_cfg = _tag_config(name, pretrained)
     if _cached_weights_file(tag_cfg) is None and _offline(_download_host(tag_cfg)):
         raise PretrainedWeightsError(_offline_message(name, pretrained))
 
@@ -168,6 +159,25 @@ def _offline_message(name: str, tag: str) -> str:
 
 
 # ---------------------------------------------------------------------- weights sources
+def _existing_weights_file(name: str, pretrained: str) -> Path:
+    """``pretrained`` as a path to an existing file, or the one-sentence error."""
+    path = Path(pretrained).expanduser()
+    if not path.is_file():
+        raise PretrainedWeightsError(f"Pretrained weights file {str(path)!r} for {name} does not exist.")
+    return path
+
+
+def _tag_config(name: str, tag: str) -> Dict[str, Any]:
+    """open_clip's config of a pretrained tag, or the one-sentence error listing the known tags."""
+    tag_cfg = open_clip.get_pretrained_cfg(name, tag)
+    if not tag_cfg:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        raise PretrainedWeightsError(
+            f"Pretrained value {tag!r} is neither a weights file nor a known tag for {name} "
+            f"(known tags: {', '.join(tags) if tags else 'none'}).")
+    return tag_cfg
+
+
 def _looks_like_path(pretrained: str) -> bool:
     return (os.sep in pretrained or pretrained.startswith(".") or pretrained.startswith("~")
             or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt")) or os.path.isfile(pretrained))
@@ -185,12 +195,7 @@ def _create_from_file(name: str, path: str, quick_gelu: bool, preprocess: Dict[s
 
 
 def _create_from_tag(name: str, tag: str, quick_gelu: Optional[bool]) -> Tuple[nn.Module, str]:
-    tag_cfg = open_clip.get_pretrained_cfg(name, tag)
-    if not tag_cfg:
-        tags = open_clip.list_pretrained_tags_by_model(name)
-        raise PretrainedWeightsError(
-            f"Pretrained value {tag!r} is neither a weights file nor a known tag for {name} "
-            f"(known tags: {', '.join(tags) if tags else 'none'}).")
+    tag_cfg = _tag_config(name, tag)
     if quick_gelu is None:
         quick_gelu = bool(tag_cfg.get("quick_gelu", False))
     preprocess = {k: tag_cfg[k] for k in _PREPROCESS_KEYS if k in tag_cfg}
