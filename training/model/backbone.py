@@ -145,7 +145,7 @@ def check_pretrained_available(name: str, pretrained: Optional[str]) -> None:
     if pretrained is None:
         return
     if _looks_like_path(pretrained):
-        path = _existing_weights_file(name, pretrained)
+        _existing_weights_file(name, pretrained)
         return
     tag_cfg = _tag_config(name, pretrained)
     if _cached_weights_file(tag_cfg) is None and _offline(_download_host(tag_cfg)):
