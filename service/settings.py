@@ -57,8 +57,11 @@ class Settings(BaseSettings):
         description="Where the model runs: 'embedded' (in-process torch) or 'triton' (tritonclient gRPC).")
     triton_url: str = Field("127.0.0.1:8001", description="Triton gRPC address (host:port) for backend=triton.")
     triton_timeout_s: float = Field(30.0, gt=0, description="Timeout of one Triton request, in seconds.")
-    encode_concurrency: int = Field(
-        1, ge=1, description="Model calls running at once (embedded: threads of the encode pool).")
+    encode_concurrency: int | None = Field(
+        None, ge=1,
+        description="Model calls running at once (embedded: threads of the encode pool). Unset or 'auto': on CPU "
+                    "min(4, cores) calls sharing the cores the decode workers leave, at least one thread each; "
+                    "on a GPU 1.")
 
     # ------------------------------------------------------------------ store
     redis_url: str | None = Field(
@@ -120,6 +123,14 @@ class Settings(BaseSettings):
     @classmethod
     def _none_numbers(cls, value: Any) -> Any:
         if isinstance(value, str) and value.strip().lower() in _NONE_WORDS | {"0", "forever"}:
+            return None
+        return value
+
+    @field_validator("encode_concurrency", mode="before")
+    @classmethod
+    def _auto_number(cls, value: Any) -> Any:
+        """'auto' (or 'none', '') = choose from the device and the cores."""
+        if isinstance(value, str) and value.strip().lower() in _NONE_WORDS | {"auto"}:
             return None
         return value
 

@@ -469,6 +469,26 @@ def test_settings_from_env_and_cli(monkeypatch) -> None:
     assert all(row["description"] and row["env"] == "FSAR_" + row["name"].upper() for row in rows)
 
 
+def test_encode_concurrency_defaults_to_the_cores(monkeypatch) -> None:
+    from service.backends.embedded import cpu_threads_per_model_call, encode_concurrency_for
+
+    auto = Settings(decode_concurrency=2)
+    assert auto.encode_concurrency is None
+    # CPU: one model call per core up to 4, sharing the cores the decode workers leave (at least 1 thread).
+    assert [encode_concurrency_for(auto, "cpu", cores) for cores in (1, 2, 4, 16)] == [1, 2, 4, 4]
+    assert [cpu_threads_per_model_call(auto, cores) for cores in (1, 2, 4, 16)] == [1, 1, 1, 3]
+    assert encode_concurrency_for(auto, "cuda", 16) == 1
+    fixed = Settings(encode_concurrency=1, decode_concurrency=2)
+    assert encode_concurrency_for(fixed, "cpu", 16) == 1 and cpu_threads_per_model_call(fixed, 16) == 14
+    monkeypatch.setenv("FSAR_ENCODE_CONCURRENCY", "3")
+    assert encode_concurrency_for(Settings(), "cuda") == 3
+    monkeypatch.setenv("FSAR_ENCODE_CONCURRENCY", "auto")
+    assert Settings().encode_concurrency is None
+    monkeypatch.setenv("FSAR_ENCODE_CONCURRENCY", "0")
+    with pytest.raises(ValueError):
+        Settings()
+
+
 def test_core_rejects_bad_labels_without_http() -> None:
     from service.core import clean_labels
 
