@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import io
 import json
 import os
 import platform
@@ -72,10 +73,17 @@ class ClipSpec:
     height: int
     fps: int
     keyframe_s: float
+    #: Seed of the synthetic scene: clips that differ only by seed show different textures, blocks
+    #: and noise at the same decode cost (distinct files for pool benchmarks).
+    seed: int = 0
+    #: x264 preset (None: x264's default, medium). ``veryfast`` encodes 720p about 3x faster,
+    #: which keeps generating a set of distinct clips within a benchmark's budget.
+    preset: str | None = None
 
     @property
     def file_name(self) -> str:
-        return f"{self.name}_{self.width}x{self.height}_{self.seconds:g}s{self.suffix}"
+        extras = (f"_seed{self.seed}" if self.seed else "") + (f"_{self.preset}" if self.preset else "")
+        return f"{self.name}_{self.width}x{self.height}_{self.seconds:g}s{extras}{self.suffix}"
 
 
 def clip_specs(quick: bool) -> list[ClipSpec]:
@@ -91,7 +99,7 @@ def clip_specs(quick: bool) -> list[ClipSpec]:
 def _synthetic_frames(spec: ClipSpec) -> Iterator[np.ndarray]:
     """Frames ``[H, W, 3]`` uint8: a smooth texture panning 3 px/frame, four moving blocks,
     and light noise."""
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(spec.seed)
     margin = 4 * spec.fps * int(spec.seconds) // 2
     coarse = rng.integers(0, 256, size=(spec.height // 16 + 2, spec.width // 16 + 2, 3), dtype=np.uint8)
     texture = av.VideoFrame.from_ndarray(coarse, format="rgb24").to_ndarray(
@@ -115,6 +123,8 @@ def make_clip(spec: ClipSpec, directory: Path) -> Path:
     path = directory / spec.file_name
     if path.exists():
         return path
+    if spec.preset and spec.codec != "libx264":
+        raise ValueError(f"ClipSpec.preset is an x264 preset; {spec.codec} has none")
     directory.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial{path.suffix}")
     keyint = round(spec.keyframe_s * spec.fps)
@@ -123,7 +133,8 @@ def make_clip(spec: ClipSpec, directory: Path) -> Path:
         stream.width, stream.height, stream.pix_fmt = spec.width, spec.height, "yuv420p"
         stream.codec_context.gop_size = keyint
         if spec.codec == "libx264":
-            stream.options = {"x264-params": f"keyint={keyint}:min-keyint={keyint}:scenecut=0"}
+            stream.options = {"x264-params": f"keyint={keyint}:min-keyint={keyint}:scenecut=0",
+                              **({"preset": spec.preset} if spec.preset else {})}
         else:
             stream.options = {"deadline": "realtime", "cpu-used": "8", "keyint_min": str(keyint), "row-mt": "1"}
         for i, image in enumerate(_synthetic_frames(spec)):
@@ -151,12 +162,19 @@ def _target_pts(path: Path, fast: bool) -> tuple[list[int], int, float, dict]:
     return [int(index.pts[p]) for p in positions], index.num_frames, interval, plans
 
 
-def naive_sample(path: Path, target_pts: list[int], size: int = SIZE) -> np.ndarray:
-    """The baseline: decode every frame of the file, convert those at ``target_pts``:
-    uint8 ``[T, size, size, 3]``."""
+def exact_target_pts(path: Path) -> list[int]:
+    """The pts of the frames ``decode_clip`` returns for ``path`` in exact mode, in order (one
+    index pass): what :func:`naive_sample` is handed for free."""
+    return _target_pts(path, fast=False)[0]
+
+
+def naive_sample(source: Path | str | bytes, target_pts: list[int], size: int = SIZE) -> np.ndarray:
+    """The baseline: decode every frame of the file (a path, or its bytes as an upload arrives),
+    convert those at ``target_pts``: uint8 ``[T, size, size, 3]``."""
     wanted = set(target_pts)
     converted: dict[int, np.ndarray] = {}
-    with av.open(str(path)) as container:
+    opened = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else str(source)
+    with av.open(opened) as container:
         stream = container.streams.video[0]
         stream.codec_context.thread_type = "AUTO"
         sample_aspect, reformatter = stream.codec_context.sample_aspect_ratio, VideoReformatter()
