@@ -200,6 +200,25 @@ def bench_decode_cmd(
         workdir=str(workdir) if workdir else None)
 
 
+@bench_app.command("decode-pool")
+def bench_decode_pool_cmd(
+    quick: bool = typer.Option(False, help="2 tiny files per keyframe spacing, 2 rounds (seconds)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the figures to this JSON file."),
+    workers: Optional[int] = typer.Option(None, help="Decode worker processes (default: os.cpu_count())."),
+    workdir: Optional[Path] = typer.Option(None, help="Where generated clips are cached."),
+    encoder_videos_per_s: Optional[float] = typer.Option(
+        None, "--encoder-videos-per-s",
+        help="GPU encoder videos/s to compare with (default 1250: eager ViT-B/16 on one H100, SERVING.md); "
+             "an input, not measured."),
+) -> None:
+    """Decode pool on all cores: exact and keyframe sampling vs decoding every frame, and vs the GPU encoder."""
+    from bench.decode_pool import run
+
+    options = {} if encoder_videos_per_s is None else {"encoder_videos_per_s": encoder_videos_per_s}
+    run(quick=quick, json_path=str(json_path) if json_path else None, workdir=str(workdir) if workdir else None,
+        workers=workers, **options)
+
+
 @bench_app.command("e2e")
 def bench_e2e_cmd(
     quick: bool = typer.Option(False, help="Tiny clips, fewer requests, the fsar-tiny backbone (under a minute)."),

@@ -43,3 +43,11 @@ def test_export_of_a_missing_checkpoint_is_one_line(tmp_path):
     result = run_fsar("export", "--checkpoint", str(tmp_path / "none.pt"), "--repository", str(tmp_path / "repo"))
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "does not exist" in result.stderr
+
+
+def test_bench_decode_pool_refuses_zero_workers_in_one_line(tmp_path):
+    result = run_fsar("bench", "decode-pool", "--quick", "--workers", "0", "--workdir", str(tmp_path / "clips"))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip() == "error: workers must be a whole number >= 1, got 0"
+    assert not (tmp_path / "clips").exists()
