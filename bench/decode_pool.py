@@ -37,8 +37,10 @@ the ``decode-all`` row's, same clips and workers), ``cpu_ms_per_video``,
 ``frames_match``, ``round_s`` (median) and the clips' ``codec``, ``resolution``, ``duration_s``,
 ``keyframe_interval_s``. ``encoder_comparison`` sets each mode's videos/s with every worker busy
 against ``--encoder-videos-per-s``: ``bound`` (the slower side), ``ratio`` (how many times
-slower) and ``workers_to_match_encoder`` (workers like these that would keep up, by linear
-scaling). The encoder figure is an input, not measured here. ``machine`` has the CPU model,
+slower), ``workers_to_match_encoder`` (workers like these that would keep up, by linear
+scaling of the per-worker videos/s) and ``cores_to_match_encoder`` (encoder videos/s x CPU
+seconds per video: the same question answered from CPU time, which other load on the machine
+skews less). The encoder figure is an input, not measured here. ``machine`` has the CPU model,
 core count and the load average at start and end: other work on the machine skews wall times.
 
 Run: ``fsar bench decode-pool [--quick] [--json out.json] [--workers N] [--workdir DIR]
@@ -202,10 +204,12 @@ async def measure(sets: dict[str, list[Video]], worker_counts: Sequence[int], ro
                  for name, videos in sets.items() for mode in MODES if mode != BASELINE}
     for name in sets:
         reference[name, BASELINE] = reference[name, "exact"]
-    pools = {workers: create_pool(workers) for workers in worker_counts}
+    pools: dict[int, Any] = {}
     samples: dict[Key, list[tuple[float, float, float]]] = {}
     matches: dict[Key, bool] = {}
     try:
+        for workers in worker_counts:
+            pools[workers] = create_pool(workers)
         for workers, pool in pools.items():  # warm-up (imports, first allocations) and the frame check
             for name, videos in sets.items():
                 for mode in MODES:
@@ -275,7 +279,9 @@ def build_rows(clip_sets_: Sequence[ClipSet], sets: dict[str, list[Video]], work
 
 def encoder_comparison(rows: Sequence[dict], encoder_videos_per_s: float) -> list[dict]:
     """Each sampling mode with every worker busy against the encoder's videos/s: which side is
-    slower (``bound``), by how much (``ratio``), and how many workers like these would keep up."""
+    slower (``bound``), by how much (``ratio``), and what would keep up with the encoder: workers
+    like these at this run's per-worker rate (wall time, which other load on the machine lowers),
+    and cores by CPU time per video (less sensitive to other load; cores like these)."""
     most = max(row["workers"] for row in rows)
     out = []
     for row in rows:
@@ -293,6 +299,8 @@ def encoder_comparison(rows: Sequence[dict], encoder_videos_per_s: float) -> lis
             "bound": bound,
             "ratio": ratio(max(decode, encoder_videos_per_s), min(decode, encoder_videos_per_s)),
             "workers_to_match_encoder": (math.ceil(encoder_videos_per_s * most / decode) if decode > 0 else None),
+            "decode_cpu_ms_per_video": row["cpu_ms_per_video"],
+            "cores_to_match_encoder": math.ceil(encoder_videos_per_s * row["cpu_ms_per_video"] / 1000),
         })
     return out
 
@@ -306,7 +314,9 @@ COLUMNS = [("clip", "clip", ""), ("row", "row", ""), ("workers", "workers", "d")
 COMPARISON_COLUMNS = [("clip", "clip", ""), ("mode", "row", ""), ("workers", "workers", "d"),
                       ("decode videos/s", "decode_videos_per_s", ".2f"),
                       ("encoder videos/s (input)", "encoder_videos_per_s", ".0f"), ("bound", "bound", ""),
-                      ("ratio", "ratio", ".1f"), ("workers to match", "workers_to_match_encoder", "d")]
+                      ("ratio", "ratio", ".1f"), ("workers to match", "workers_to_match_encoder", "d"),
+                      ("cpu ms/video", "decode_cpu_ms_per_video", ".1f"),
+                      ("cores to match (cpu time)", "cores_to_match_encoder", "d")]
 
 
 def format_report(report: dict) -> str:
@@ -317,9 +327,10 @@ def format_report(report: dict) -> str:
              format_table(report["encoder_comparison"], COMPARISON_COLUMNS)]
     for entry in report["encoder_comparison"]:
         slower = "decoding" if entry["bound"] == "decode" else "the encoder"
-        lines.append(f"  {entry['clip']} {entry['row']}: {slower} bounds, {entry['ratio']:.1f}x slower; "
-                     f"about {entry['workers_to_match_encoder']} workers at this machine's per-worker rate "
-                     "would keep up with the encoder.")
+        lines.append(f"  {entry['clip']} {entry['row']}: {slower} bounds, {entry['ratio']:.1f}x slower with "
+                     f"{entry['workers']} workers; keeping up with the encoder takes about "
+                     f"{entry['workers_to_match_encoder']} workers at this run's per-worker rate, or "
+                     f"{entry['cores_to_match_encoder']} cores by CPU time per video.")
     machine = report["machine"]
     lines.append(f"Machine: {machine['cpu_model']}, {machine['cpu_count']} cores; load average "
                  f"{machine['load_avg_at_start']} at start, {machine['load_avg_at_end']} at end.")

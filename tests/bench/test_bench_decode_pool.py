@@ -85,6 +85,9 @@ def test_quick_run_writes_one_row_per_clip_set_worker_count_and_mode(tmp_path, c
         assert entry["bound"] == ("decode" if decode < 1250.0 else "encoder")
         assert entry["ratio"] == pytest.approx(max(decode, 1250.0) / min(decode, 1250.0), rel=0.01)
         assert entry["workers_to_match_encoder"] * decode / WORKERS >= 1250.0
+        cpu_ms = by_key[entry["clip"], WORKERS, entry["row"]]["cpu_ms_per_video"]
+        assert entry["decode_cpu_ms_per_video"] == cpu_ms
+        assert entry["cores_to_match_encoder"] == pytest.approx(1250.0 * cpu_ms / 1000, abs=1)
 
 
 def test_pool_jobs_return_the_frames_decode_clip_returns_in_process(clip_dir) -> None:
