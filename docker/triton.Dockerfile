@@ -40,7 +40,9 @@ COPY pyproject.toml README.md constraints.txt ./
 COPY training/ training/
 COPY service/ service/
 COPY bench/ bench/
-RUN python3 -m pip install --no-cache-dir -c constraints.txt ".[train]" \
+# numpy<2: Triton's Python-backend stub is built against NumPy 1.x (a known issue of the 2.5x/25.xx
+# releases, triton-inference-server/server#8301); with NumPy 2 it misreads every tensor.
+RUN python3 -m pip install --no-cache-dir -c constraints.txt ".[train]" "numpy<2" \
     && python3 -c "import torch, open_clip, training; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
 # Run as an unprivileged user; /cache belongs to it so a fresh named volume inherits the owner.

@@ -38,7 +38,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a file: make the project's packages importable
     sys.path.insert(0, str(REPO_ROOT))
 
-from service.triton_local import LocalTritonServer, _parent_death_signal  # noqa: E402
+from service.triton_local import LocalTritonServer, parent_death_signal  # noqa: E402
 
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 DEFAULT_STATE_DIR = REPO_ROOT / ".cache" / "stack"
@@ -254,7 +254,7 @@ class Stack:
         with open(self.log(log_name), "ab") as log:
             return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                     cwd=str(REPO_ROOT), env=dict(env) if env is not None else None,
-                                    start_new_session=True, preexec_fn=_parent_death_signal())
+                                    start_new_session=True, preexec_fn=parent_death_signal())
 
     def start_redis(self) -> None:
         command = redis_command(self.compose_file)

@@ -279,7 +279,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _parent_death_signal() -> Callable[[], None]:
+def parent_death_signal() -> Callable[[], None]:
     """A ``preexec_fn`` that asks the kernel to SIGKILL the child when the starting thread dies.
 
     ``prctl`` is looked up here, in the parent, so the forked child only makes the call (no
@@ -463,7 +463,7 @@ class LocalTritonServer:
                 self.command(dist),
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 env=self.environment(dist), cwd=str(self.repository),
-                start_new_session=True, preexec_fn=_parent_death_signal(),
+                start_new_session=True, preexec_fn=parent_death_signal(),
             )
         pgid = self._proc.pid
         # Runs when this object is collected or, at the latest, when the interpreter exits.
