@@ -41,14 +41,13 @@ import re
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from service.backends.base import Backend, softmax
-from service.decode_pool import DecodePool, ProcessDecodePool, ThreadDecodePool, hard_timeout_for
+from service.decode_pool import DecodePool, ProcessDecodePool, ThreadDecodePool, decode_file, hard_timeout_for
 from service.errors import (
     Conflict,
     InvalidField,
@@ -81,16 +80,45 @@ def namespace(tenant: str | None) -> str:
     return f"tenant:{tenant}:"
 
 
-@dataclass(frozen=True)
 class Upload:
-    """One uploaded file: its name (for messages) and its bytes."""
+    """One uploaded file: its name (for messages), size, sha256, and where its bytes are.
 
-    filename: str
-    data: bytes
+    The gateway streams every upload to a temporary file (`service.api.deps.stored_uploads`) and builds
+    the Upload from that `path`, with the size and hash computed while streaming: no upload is held in
+    gateway memory, and a decode worker opens the file itself. In-process callers and tests may pass
+    the bytes instead (`Upload(filename=..., data=...)` or `Upload.from_bytes`); size and hash are then
+    computed here. Exactly one of `data` and `path` is set.
+    """
+
+    __slots__ = ("filename", "size", "sha256", "path", "data")
+
+    def __init__(self, filename: str, data: bytes | None = None, *, path: str | None = None,
+                 size: int | None = None, sha256: str | None = None) -> None:
+        if (data is None) == (path is None):
+            raise ValueError("an Upload needs either its bytes (data) or the path of a file holding them")
+        if data is not None:
+            size, sha256 = len(data), hashlib.sha256(data).hexdigest()
+        elif size is None or sha256 is None:
+            raise ValueError("an Upload from a file needs the file's size and sha256")
+        self.filename = filename
+        self.data = data
+        self.path = path
+        self.size = size
+        self.sha256 = sha256
+
+    @classmethod
+    def from_bytes(cls, filename: str, data: bytes) -> "Upload":
+        """An upload held in memory (in-process callers, tests)."""
+        return cls(filename, data)
 
     @property
-    def sha256(self) -> str:
-        return hashlib.sha256(self.data).hexdigest()
+    def source(self) -> bytes | str:
+        """What a decode job is given: the bytes, or the path of the file (opened by the worker)."""
+        return self.data if self.data is not None else self.path  # type: ignore[return-value]
+
+    def __repr__(self) -> str:
+        where = f"path={self.path!r}" if self.path is not None else "in memory"
+        return f"Upload(filename={self.filename!r}, size={self.size}, sha256={self.sha256[:12]}..., {where})"
 
 
 def _label_key(label: str) -> str:
@@ -205,14 +233,16 @@ class FsarService:
     # ------------------------------------------------------------------ decoding
     async def decode(self, upload: Upload) -> np.ndarray:
         """Frames `[T, S, S, 3]` uint8 of one upload, decoded in the decode pool (a worker process
-        unless decode_isolation=thread).
+        unless decode_isolation=thread). An upload on disk travels as its path and the worker opens the
+        file (`decode_file`); one held in memory travels as its bytes.
 
         Raises `PayloadTooLarge` (413) or `UnsupportedMedia` (415) with the decoder's code."""
+        decode = decode_clip if upload.path is None else decode_file
         async with self._decode_slots:
             with self.metrics.stage("decode"):
                 try:
                     return await self._decode_pool.run(
-                        decode_clip, upload.data, num_frames=self.num_frames, size=self.input_size, mode="test",
+                        decode, upload.source, num_frames=self.num_frames, size=self.input_size, mode="test",
                         limits=self._limits)
                 except VideoDecodeError as err:
                     message = f"{upload.filename or 'upload'}: {err}"
@@ -292,7 +322,7 @@ class FsarService:
             raise InvalidField(f"Got {len(uploads)} videos but {len(labels)} labels; send one 'labels' "
                                "field per 'videos' file, in the same order.", code="label_count_mismatch")
         for upload in uploads:
-            if not upload.data:
+            if not upload.size:
                 raise UnsupportedMedia(f"{upload.filename or 'upload'}: the file is empty.", code="not_a_video")
 
     def _check_metric(self, metric: str | None) -> str | None:
@@ -383,7 +413,7 @@ class FsarService:
 
         for upload, label in zip(uploads, labels):
             manifest["videos"].append({"sha256": upload.sha256, "label": label, "filename": upload.filename,
-                                       "bytes": len(upload.data)})
+                                       "bytes": upload.size})
         manifest["classes"] = _unique(video["label"] for video in manifest["videos"])
         manifest["revision"] = (old_revision or 0) + 1
         manifest["updated_at"] = _now()
@@ -600,7 +630,7 @@ class FsarService:
                                code="missing_target")
         if top_k is not None and top_k < 1:
             raise InvalidField("top_k must be at least 1.", code="invalid_top_k")
-        if not upload.data:
+        if not upload.size:
             raise UnsupportedMedia(f"{upload.filename or 'upload'}: the file is empty.", code="not_a_video")
         manifest = await self._load_manifest(support_set_id, tenant) if support_set_id is not None else None
 

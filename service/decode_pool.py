@@ -10,8 +10,11 @@ decode thread forever, or take the whole gateway down. A worker process can be k
   after PyAV was used in the parent can hang, SERVING.md) that imports only numpy and `service.video`
   (no torch) and dies with the gateway;
 - one job per worker at a time; the job's arguments and result travel through a socket pair (pickled
-  by our own code on both ends, never data from a client); large byte arguments (the upload) are sent
-  as raw bytes straight from the caller's buffer, so the gateway holds no second copy of an upload;
+  by our own code on both ends, never data from a client). The gateway's uploads are files on disk
+  (`service.api.deps.stored_uploads`): a job gets the file's path and the worker opens it
+  (`decode_file`), so an upload's bytes never pass through the gateway's memory or the socket. Large
+  byte arguments (in-process callers that decode bytes) are sent as raw bytes straight from the
+  caller's buffer, with no pickled copy;
 - a job that has not answered `hard_timeout_s` after it was sent is abandoned: its worker is killed
   (SIGKILL) and replaced, and the caller gets `DecodeTimeoutError` (415 `timeout`);
 - a worker that dies during a job (a crash in C) is replaced and the caller gets
@@ -41,7 +44,7 @@ from multiprocessing.connection import Connection
 from typing import Any, Callable
 
 from service.errors import ServiceUnavailable
-from service.video import CorruptedVideoError, DecodeTimeoutError, VideoDecodeError
+from service.video import CorruptedVideoError, DecodeTimeoutError, VideoDecodeError, decode_clip
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,18 @@ class _Blob:
 
     def __init__(self, index: int) -> None:
         self.index = index
+
+
+def decode_file(path: str, *args: Any, **kwargs: Any) -> Any:
+    """`decode_clip` of the upload stored at `path`, opened here (in the worker, or the decode thread).
+
+    The file goes to FFmpeg as an open file object with no path-like name, exactly as bytes do (in
+    a BytesIO): FFmpeg takes a source's name as its URL, and some demuxers act on it (HLS is only
+    probed for names ending in .m3u8, concat resolves the files it lists relative to it), so the
+    decoder sees the same thing whether the upload came as bytes or through a file. (`OSError` if the
+    file is gone: the gateway removes it only once its request has ended.)"""
+    with open(os.open(path, os.O_RDONLY), "rb") as file:  # its name: the descriptor's number, not the path
+        return decode_clip(file, *args, **kwargs)
 
 
 class DecoderUnavailable(ServiceUnavailable):

@@ -78,6 +78,12 @@ class Settings(BaseSettings):
     max_upload_mb: float = Field(
         200.0, gt=0, description="Largest request body in MB (all files together); larger -> 413.")
     max_files_per_request: int = Field(64, ge=1, description="Most video files in one request; more -> 413.")
+    upload_dir: str | None = Field(
+        None, description="Folder each uploaded video is streamed to (one temporary file, removed when its request "
+                          "ends), so the gateway never holds an upload in memory; decode workers read the file. "
+                          "Unset = the system temporary folder (TMPDIR). Needs room for the uploads in flight (the "
+                          "multipart parser also spools files over 1 MB to TMPDIR while a body arrives); full or "
+                          "unwritable -> 503.")
     max_labels_per_request: int = Field(
         256, ge=1, description="Most labels in one classify request (zero-shot/hybrid candidates); more -> 413.")
     max_video_seconds: float = Field(600.0, gt=0, description="Longest accepted video in seconds; longer -> 413.")
@@ -110,7 +116,8 @@ class Settings(BaseSettings):
         0.5, ge=0.0, le=1.0,
         description="Hybrid mode weight w: p = w * p_zero_shot + (1 - w) * p_few_shot.")
 
-    @field_validator("pretrained", "checkpoint", "redis_url", "metric", "api_keys", "api_keys_file", mode="before")
+    @field_validator("pretrained", "checkpoint", "redis_url", "metric", "api_keys", "api_keys_file", "upload_dir",
+                     mode="before")
     @classmethod
     def _none_words(cls, value: Any) -> Any:
         """Let environment variables and flags spell None ('none', 'null', '')."""

@@ -5,7 +5,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, UploadFile
 
-from service.api.deps import get_service, get_tenant, read_upload
+from service.api.deps import get_service, get_tenant, stored_uploads
 from service.api.schemas import ClassifyResponse, ErrorResponse
 from service.core import FsarService
 
@@ -25,5 +25,7 @@ async def classify(
     top_k: Annotated[int | None, Form(ge=1, description="Return only the k best labels.")] = None,
 ) -> dict:
     """Scores are probabilities that sum to 1 over all candidate labels (see `FsarService.classify`)."""
-    upload = await read_upload(video)
-    return await service.classify(upload, support_set_id=support_set_id, labels=labels, top_k=top_k, tenant=tenant)
+    # The video lives in a file in upload_dir while the request runs (never whole in memory).
+    async with stored_uploads([video], service.settings.upload_dir) as (upload,):
+        return await service.classify(upload, support_set_id=support_set_id, labels=labels, top_k=top_k,
+                                      tenant=tenant)

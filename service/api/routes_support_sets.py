@@ -5,7 +5,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Response, UploadFile
 
-from service.api.deps import get_service, get_tenant, read_upload
+from service.api.deps import get_service, get_tenant, stored_uploads
 from service.api.schemas import ErrorResponse, SupportSet, SupportSetList
 from service.core import FsarService
 
@@ -32,9 +32,10 @@ async def create_support_set(
                                                               "server's support_set_ttl_s.")] = None,
 ) -> dict:
     """Decode and encode every video with its label, build the class prototypes and store the set."""
-    uploads = [await read_upload(video) for video in videos]
-    return await service.create_support_set(uploads, labels, name=name, metric=metric, ttl_seconds=ttl_seconds,
-                                            tenant=tenant)
+    # The videos live in files in upload_dir while the request runs (never whole in memory).
+    async with stored_uploads(videos, service.settings.upload_dir) as uploads:
+        return await service.create_support_set(uploads, labels, name=name, metric=metric,
+                                                ttl_seconds=ttl_seconds, tenant=tenant)
 
 
 @router.get("", response_model=SupportSetList, responses=_ERRORS, summary="List support sets")
@@ -59,5 +60,5 @@ async def delete_support_set(set_id: str, service: Service, tenant: Tenant) -> R
              summary="Add shots or classes to a support set")
 async def add_videos(set_id: str, videos: Videos, labels: Labels, service: Service, tenant: Tenant) -> dict:
     """Add videos (new shots of existing classes, or new classes); the prototypes are rebuilt."""
-    uploads = [await read_upload(video) for video in videos]
-    return await service.add_videos(set_id, uploads, labels, tenant=tenant)
+    async with stored_uploads(videos, service.settings.upload_dir) as uploads:
+        return await service.add_videos(set_id, uploads, labels, tenant=tenant)
