@@ -30,7 +30,10 @@ def test_sixteen_concurrent_50mb_uploads_stay_under_2gb(tmp_path) -> None:
     assert report["upload_bytes"] == 50 * MB
     assert report["statuses"] == [200] * 16  # every upload was decoded and classified
     assert report["idle_rss_bytes"] > 100 * MB  # really the server process (torch and the model loaded)
-    assert report["peak_rss_bytes"] >= report["peak_sampled_rss_bytes"] > 0
+    # VmHWM is a high-water mark the kernel records at certain events from its approximate per-CPU
+    # counters; VmRSS is summed when read. With a flat memory profile (uploads on disk) a sample can
+    # pass the recorded peak by some pages per process.
+    assert report["peak_rss_bytes"] + report["processes"] * MB >= report["peak_sampled_rss_bytes"] > 0
     assert report["peak_rss_bytes"] < 2 * GB, (
         f"gateway peak RSS {report['peak_rss_bytes'] / MB:.0f} MB under 16 concurrent 50 MB uploads "
         f"(idle {report['idle_rss_bytes'] / MB:.0f} MB)")
