@@ -72,6 +72,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     no_decay_bias: bool = True  # no weight decay on biases and normalisation weights (1-D tensors)
     text_adapter_lr_scale: float = 1.0  # M2-CLIP halves the text adapter's rate (0.5)
+    visual_adapter_lr_scale: float = 1.0  # rate of the adapters inside the image tower (TED, MA) vs TPCM/heads
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     momentum: float = 0.9  # sgd only
@@ -197,7 +198,8 @@ class TrainConfig:
                     "val.way", "val.shot", "val.query", "val.episodes", "grad_accum", "log_every",
                     "save_every", "max_steps", "optim.lr_reference_batch", "threads"):
             positive(key, _get(self, key))
-        for key in ("optim.weight_decay", "optim.text_adapter_lr_scale", "schedule.warmup_steps",
+        for key in ("optim.weight_decay", "optim.text_adapter_lr_scale", "optim.visual_adapter_lr_scale",
+                    "schedule.warmup_steps",
                     "schedule.warmup_epochs", "val.every", "data.num_workers", "optim.max_grad_norm",
                     "loss.text_weight", "pretrain.steps", "pretrain.warmup_steps", "pretrain.weight_decay"):
             positive(key, _get(self, key), allow_zero=True)

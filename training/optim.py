@@ -18,25 +18,30 @@ def effective_lr(cfg: OptimConfig, global_batch: int) -> float:
 
 
 def param_groups(named_params: Iterable[Tuple[str, nn.Parameter]], cfg: OptimConfig, base_lr: float,
-                 is_text_adapter: Callable[[str], bool]) -> List[Dict]:
+                 is_text_adapter: Callable[[str], bool],
+                 is_visual_adapter: Callable[[str], bool] = lambda name: False) -> List[Dict]:
     """Split trainable parameters into optimiser groups.
 
     Groups differ by weight decay (none on biases and 1-D normalisation weights when
-    ``cfg.no_decay_bias``) and by learning rate (text-adapter parameters, picked by
-    ``is_text_adapter(name)``, get ``base_lr * cfg.text_adapter_lr_scale``). Frozen parameters are
-    skipped. Each group carries its ``name`` for logging.
+    ``cfg.no_decay_bias``) and by learning rate: text-adapter parameters, picked by
+    ``is_text_adapter(name)``, get ``base_lr * cfg.text_adapter_lr_scale``; adapters inside the
+    visual backbone, picked by ``is_visual_adapter(name)``, get ``base_lr * cfg.visual_adapter_lr_scale``;
+    the rest (TPCM, temporal adapter, heads) ``base_lr``. Frozen parameters are skipped. Each group
+    carries its ``name`` for logging.
     """
-    groups: Dict[Tuple[bool, bool], Dict] = {}
+    scales = {"main": 1.0, "text_adapter": cfg.text_adapter_lr_scale,
+              "visual_adapter": cfg.visual_adapter_lr_scale}
+    groups: Dict[Tuple[bool, str], Dict] = {}
     for name, param in named_params:
         if not param.requires_grad:
             continue
         no_decay = cfg.no_decay_bias and (param.ndim <= 1 or name.endswith(".bias"))
-        text = is_text_adapter(name)
-        group = groups.setdefault((no_decay, text), {
-            "name": ("text_adapter" if text else "main") + ("_no_decay" if no_decay else ""),
+        kind = "text_adapter" if is_text_adapter(name) else "visual_adapter" if is_visual_adapter(name) else "main"
+        group = groups.setdefault((no_decay, kind), {
+            "name": kind + ("_no_decay" if no_decay else ""),
             "params": [],
             "weight_decay": 0.0 if no_decay else cfg.weight_decay,
-            "lr": base_lr * (cfg.text_adapter_lr_scale if text else 1.0),
+            "lr": base_lr * scales[kind],
         })
         group["params"].append(param)
     if not groups:
@@ -45,10 +50,11 @@ def param_groups(named_params: Iterable[Tuple[str, nn.Parameter]], cfg: OptimCon
 
 
 def build_optimizer(named_params: Iterable[Tuple[str, nn.Parameter]], cfg: OptimConfig, global_batch: int,
-                    is_text_adapter: Callable[[str], bool] = lambda name: False) -> torch.optim.Optimizer:
+                    is_text_adapter: Callable[[str], bool] = lambda name: False,
+                    is_visual_adapter: Callable[[str], bool] = lambda name: False) -> torch.optim.Optimizer:
     """Adam / AdamW / SGD over the trainable parameters, with the groups of :func:`param_groups`."""
     base_lr = effective_lr(cfg, global_batch)
-    groups = param_groups(named_params, cfg, base_lr, is_text_adapter)
+    groups = param_groups(named_params, cfg, base_lr, is_text_adapter, is_visual_adapter)
     if cfg.name == "adam":
         return torch.optim.Adam(groups, lr=base_lr, betas=tuple(cfg.betas), eps=cfg.eps)
     if cfg.name == "adamw":

@@ -428,7 +428,11 @@ def _train(cfg: TrainConfig, data: Path, out: Path, resume: bool, device: Option
     def is_text_adapter(name: str) -> bool:
         return name.startswith("model.") and FsarModel.is_text_adapter_parameter(name)
 
-    optimizer = build_optimizer(objective.named_parameters(), cfg.optim, global_batch, is_text_adapter)
+    def is_visual_adapter(name: str) -> bool:
+        return name.startswith("model.") and FsarModel.is_visual_adapter_parameter(name)
+
+    optimizer = build_optimizer(objective.named_parameters(), cfg.optim, global_batch, is_text_adapter,
+                                is_visual_adapter)
     steps_per_epoch = batches_per_epoch // cfg.grad_accum if batches_per_epoch else 0
     scheduler = build_scheduler(optimizer, cfg.schedule, total_steps, steps_per_epoch)
     amp_dtype = _amp_dtype(cfg.amp, info.device)

@@ -100,13 +100,20 @@ def test_bad_config_sources(tmp_path):
 def test_optimizer_groups_and_warmup_cosine_schedule():
     from torch import nn
 
-    net = nn.ModuleDict({"visual_adapter": nn.Linear(4, 4), "text_adapter": nn.Linear(4, 4)})
-    cfg = load_config("m2clip-k400", overrides=["optim.lr_reference_batch=null", "optim.lr=0.1"])
+    net = nn.ModuleDict({"head": nn.Linear(4, 4), "text_adapter": nn.Linear(4, 4),
+                         "visual_adapter": nn.Linear(4, 4)})
+    cfg = load_config("m2clip-k400", overrides=["optim.lr_reference_batch=null", "optim.lr=0.1",
+                                                "optim.visual_adapter_lr_scale=0.2"])
     optimizer = build_optimizer(net.named_parameters(), cfg.optim, global_batch=64,
-                                is_text_adapter=lambda name: name.startswith("text_adapter"))
+                                is_text_adapter=lambda name: name.startswith("text_adapter"),
+                                is_visual_adapter=lambda name: name.startswith("visual_adapter"))
     by_name = {group["name"]: group for group in optimizer.param_groups}
     assert by_name["main"]["weight_decay"] == 0.01 and by_name["main_no_decay"]["weight_decay"] == 0.0
     assert by_name["text_adapter"]["lr"] == pytest.approx(0.05) and by_name["main"]["lr"] == pytest.approx(0.1)
+    assert by_name["visual_adapter"]["lr"] == pytest.approx(0.02)
+    assert by_name["visual_adapter"]["params"] == [net["visual_adapter"].weight]
+    with pytest.raises(ConfigError, match="visual_adapter_lr_scale"):
+        load_config("m2clip-k400", overrides=["optim.visual_adapter_lr_scale=-1"])
 
     scheduler = build_scheduler(optimizer, cfg.schedule, total_steps=100, steps_per_epoch=10)  # 20 warm-up steps
     rates = []

@@ -335,6 +335,10 @@ def test_parameter_counts_by_module(tiny_weights) -> None:
     assert any(model.is_text_adapter_parameter(n) for n in names)
     assert sum(p.numel() for n, p in model.named_parameters() if model.is_text_adapter_parameter(n)) \
         == counts["by_module"]["text_adapters"]
+    visual = sum(p.numel() for n, p in model.named_parameters()
+                 if p.requires_grad and model.is_visual_adapter_parameter(n))
+    assert visual == counts["by_module"]["ted_adapters"] + counts["by_module"]["ma_adapters"]
+    assert not any(model.is_visual_adapter_parameter(n) for n in names if n.startswith(("tpcm.", "temporal_adapter.")))
 
 
 def test_model_info_counts_and_table() -> None:

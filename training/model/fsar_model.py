@@ -304,6 +304,12 @@ class FsarModel(nn.Module):
         """True for a parameter name of a text adapter (M2-CLIP trains them at half the rate)."""
         return ".text_adapter." in f".{name}."
 
+    @staticmethod
+    def is_visual_adapter_parameter(name: str) -> bool:
+        """True for a parameter of an adapter inside the image tower (TED, MA's global, local and joint
+        adapters and its text-token projection); not the temporal adapter after it, not TPCM."""
+        return ".clip.visual." in f".{name}"
+
     def count_parameters(self) -> Dict[str, Any]:
         """``{"trainable", "total", "frozen", "by_module": {group: count}}``.
 
