@@ -13,7 +13,7 @@ API renders every one of them as `{"error": {"code": ..., "message": ...}}`.
 | 415 | `not_a_video`, `no_video_stream`, `corrupted`, `timeout`, ... | not a decodable video |
 | 422 | `validation_error`, `label_count_mismatch`, ... | missing or invalid fields |
 | 429 | `rate_limited` | over the tenant's rate limit (`Retry-After` header) |
-| 503 | `store_unavailable`, `backend_unavailable`, `decoder_unavailable`, `not_ready` | Redis, the model or the decode workers are unreachable |
+| 503 | `store_unavailable`, `backend_unavailable`, `decoder_unavailable`, `upload_storage_unavailable`, `not_ready` | Redis, the model or the decode workers are unreachable, or `upload_dir` is full or unwritable |
 | 500 | `internal_error` | a bug (logged with its traceback); never for bad input |
 """
 from __future__ import annotations
