@@ -6,16 +6,17 @@ and decoding runs on the host's CPU cores, so decode throughput with all cores b
 the service. This benchmark measures it with the gateway's own machinery:
 
 - the pool: ``service.core.create_decode_pool`` (``ProcessDecodePool``, one worker process per
-  core by default, the gateway's hard timeout), the jobs as ``FsarService.decode`` sends them:
-  ``decode_clip(upload bytes, num_frames=8, size=224, mode="test", limits=...)`` with the
-  gateway's default ``DecodeLimits``; ``FSAR_*`` variables are ignored, so runs compare;
+  core by default, the gateway's hard timeout), the jobs as ``FsarService.decode`` sends an HTTP
+  upload (which the gateway has stored as a file): ``decode_file(path, num_frames=8, size=224,
+  mode="test", limits=...)``, the worker opening the file, with the gateway's default
+  ``DecodeLimits``; ``FSAR_*`` variables are ignored, so runs compare;
 - the clips (generated once with ``bench.decode.make_clip`` into ``workdir``): 10 s 1280x720
   30 fps H.264 (mp4, x264 ``veryfast``), 8 distinct files (scene seeds 1-8) per keyframe
   spacing: ``h264_gop2s`` (a keyframe every 2 s, like much phone and web video) and
   ``h264_gop10s`` (one keyframe in the clip). Quick run: 2 files per spacing, 192x108 15 fps;
 - rows per clip set and worker count (1 and ``--workers``, default ``os.cpu_count()``):
   ``decode-all`` (the baseline: ``bench.decode.naive_sample``, every frame decoded, the 8 target
-  frames converted; handed the target timestamps for free), ``exact`` (``decode_clip`` as the
+  frames converted; handed the target timestamps for free), ``exact`` (``decode_file`` as the
   gateway calls it) and ``keyframes`` (``fast=True``);
 - a round submits every file at once (repeated until there are at least 4 jobs per worker, so the
   pool never idles waiting for the last job of a short batch) and times it from the first
@@ -66,6 +67,7 @@ import numpy as np
 
 from bench.common import cpu_model, default_workdir, format_table, process_tree_cpu_seconds, ratio, write_report
 from bench.decode import NUM_FRAMES, SIZE, ClipSpec, exact_target_pts, machine_info, make_clip, naive_sample
+from service.decode_pool import decode_file
 from service.video import DecodeLimits, decode_clip
 
 BASELINE = "decode-all"
@@ -83,8 +85,9 @@ class BenchArgumentError(ValueError):
 
 @dataclass(frozen=True)
 class Video:
-    """One benchmark file: its bytes (as an upload reaches the gateway) and the pts of the frames
-    exact sampling returns (what the baseline is handed for free)."""
+    """One benchmark file: its path (what a decode job gets, as for a stored upload), its bytes
+    (for the in-process reference decode) and the pts of the frames exact sampling returns (what
+    the baseline is handed for free)."""
 
     path: Path
     data: bytes
@@ -151,20 +154,21 @@ def create_pool(workers: int) -> Any:
 
 
 def job(mode: str, video: Video, limits: DecodeLimits) -> tuple[Callable[..., np.ndarray], tuple, dict]:
-    """``(fn, args, kwargs)`` of one decode job of ``mode`` for the pool."""
+    """``(fn, args, kwargs)`` of one decode job of ``mode`` for the pool: the file's path travels,
+    the worker reads the file, as for an upload the gateway stored."""
     if mode == BASELINE:
-        return naive_sample, (video.data, video.target_pts, SIZE), {}
+        return naive_sample, (str(video.path), video.target_pts, SIZE), {}
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     kwargs: dict[str, Any] = dict(num_frames=NUM_FRAMES, size=SIZE, mode="test", limits=limits)
     if mode == "keyframes":
         kwargs["fast"] = True
-    return decode_clip, (video.data,), kwargs
+    return decode_file, (str(video.path),), kwargs
 
 
 def in_process_frames(mode: str, video: Video, limits: DecodeLimits) -> np.ndarray:
-    """What a ``mode`` job must return, decoded here: ``decode_clip`` (``fast`` for keyframes);
-    decode-all picks the exact frames."""
+    """What a ``mode`` job must return, decoded here from the bytes: ``decode_clip`` (``fast`` for
+    keyframes); decode-all picks the exact frames."""
     return decode_clip(video.data, num_frames=NUM_FRAMES, size=SIZE, mode="test", limits=limits,
                        fast=mode == "keyframes")
 
