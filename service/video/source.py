@@ -5,6 +5,10 @@ objects (seekable ones are read from their start, as FFmpeg seeks in them by abs
 offsets; non-seekable ones from where they are, into memory, at most ``max_bytes + 1``
 bytes). The byte limit is checked before FFmpeg sees anything, the pixel
 and declared-duration limits as soon as the container header is read.
+
+FFmpeg reads the source and nothing else: it may only use the demuxers of
+:data:`ACCEPTED_FORMATS` (some others open further files or sockets named inside the upload),
+and, for bytes and file objects, may open no file or URL at all (see ``VideoInput.open``).
 """
 
 from __future__ import annotations
@@ -70,6 +74,55 @@ class Deadline:
             raise DecodeTimeoutError(f"decoding took longer than the time budget of {self.budget_s:g} s")
 
 
+# The demuxers FFmpeg may pick for a source (its ``format_whitelist``; a name matches any of a
+# demuxer's comma-separated names, so "mov" is "mov,mp4,m4a,3gp,3g2,mj2" and "matroska" is
+# "matroska,webm"). FFmpeg picks the demuxer from the bytes, not from us, and some demuxers open
+# what the upload names: concat (an ``ffconcat`` script) and hls (an ``#EXTM3U`` playlist) open
+# files on the server, image2 opens numbered image files, sdp opens UDP sockets, vobsub opens a
+# companion file. An upload must not make the decoder read the server's files, so only
+# demuxers that read nothing but their input are allowed; mov could follow data references
+# to other files, which ``enable_drefs`` (off by default) keeps off. A format refused here
+# fails to open: ``not_a_video``. To accept a new container, check its demuxer opens nothing.
+VIDEO_FORMATS = (
+    "mov",  # MP4, MOV, 3GP
+    "matroska",  # MKV, WebM
+    "avi",
+    "mpegts",
+    "mpeg",  # MPEG program stream (.mpg, .vob)
+    "flv",
+    "live_flv",  # FLV recorded by nginx-rtmp (same demuxer, its own probe)
+    "asf",  # WMV
+    "ogg",
+    "gif",
+    "h264",  # raw elementary streams
+    "hevc",
+    "ivf",  # raw VP8/VP9/AV1
+    "mjpeg",  # raw Motion JPEG (IP cameras); a single JPEG probes as jpeg_pipe and stays refused
+)
+# Audio-only containers: opened so that a song is refused as ``no_video_stream``, which says
+# more than ``not_a_video`` (.m4a is mov, audio-only .webm/.ogg are matroska/ogg).
+AUDIO_FORMATS = ("wav", "mp3", "aac", "flac")
+ACCEPTED_FORMATS = VIDEO_FORMATS + AUDIO_FORMATS
+ACCEPTED_NAMES = "MP4/MOV, Matroska/WebM, AVI, MPEG-TS/PS, FLV, WMV, Ogg, GIF, raw H.264/HEVC/MJPEG, IVF"
+
+
+def open_options(custom_io: bool) -> dict[str, str]:
+    """FFmpeg format options for opening a source (``container_options``).
+
+    ``custom_io``: FFmpeg reads the source through Python (bytes, file objects), so it needs no
+    protocol at all, and an empty ``protocol_whitelist`` stops any nested open, whatever the
+    demuxer. A path needs the ``file`` protocol for itself, which a nested open could use too:
+    there the format list is the guard (and ``file`` alone keeps a path from being read as
+    another protocol's URL, ``pipe:``, ``concat:``, ``http:`` ..., besides the ``file:`` prefix
+    ``VideoInput.open`` gives it).
+    """
+    return {
+        "format_whitelist": ",".join(ACCEPTED_FORMATS),
+        "protocol_whitelist": "" if custom_io else "file",
+        "enable_drefs": "0",  # mov: no data references to other files (FFmpeg's default, kept explicit)
+    }
+
+
 # Container signatures (checked when FFmpeg cannot open a file) that make "corrupted" a better
 # answer than "not a video": the bytes start like a video container but do not parse.
 def _sniff_container(head: bytes) -> str | None:
@@ -83,6 +136,22 @@ def _sniff_container(head: bytes) -> str | None:
         return "GIF"
     if head[:3] == b"FLV":
         return "FLV"
+    return None
+
+
+# Still-image signatures (checked when FFmpeg cannot open a file): their demuxers are not
+# accepted, and "a still image" says why better than "not a video file" alone.
+def _sniff_image(head: bytes) -> str | None:
+    if head[:8] == b"\x89PNG\r\n\x1a\n":
+        return "PNG"
+    if head[:3] == b"\xff\xd8\xff":
+        return "JPEG"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return "TIFF"
+    if head[:2] == b"BM" and head[6:10] == bytes(4):  # then the file size, reserved zeros
+        return "BMP"
     return None
 
 
@@ -102,7 +171,7 @@ class VideoInput:
             self._check_size(size, limits)
             self._data = bytes(source)
         elif isinstance(source, (str, os.PathLike)):
-            self._path = os.fspath(source)
+            self._path = os.fsdecode(source)
             self._check_size(os.stat(self._path).st_size, limits)
         elif hasattr(source, "read"):
             if _is_seekable(source):
@@ -141,24 +210,30 @@ class VideoInput:
         """A fresh container reading the source from its start.
 
         Raises ``NotAVideoError`` (or ``CorruptedVideoError`` when the bytes start like a
-        video container) when FFmpeg cannot read it.
+        video container) when FFmpeg cannot read it, or when it is not in one of the
+        ``ACCEPTED_FORMATS``: then FFmpeg has only probed the source's first bytes.
         """
         if self._data is not None:
             file: str | BinaryIO = io.BytesIO(self._data)
         elif self._path is not None:
-            file = self._path
+            # "file:" so that the path is a path, even one that looks like a URL ("a:b.mp4").
+            file = "file:" + self._path
         else:
             assert self._file is not None
             self._file.seek(0)
             file = self._file
+        options = open_options(custom_io=not isinstance(file, str))
         try:
-            return av.open(file, mode="r", metadata_errors="ignore")
+            return av.open(file, mode="r", container_options=options, metadata_errors="ignore")
         except Exception as exc:  # FFmpegError, and anything PyAV raises on odd headers
             if self.looks_like is not None:
                 raise CorruptedVideoError(
                     f"the file looks like {self.looks_like} but cannot be read ({_reason(exc)})"
                 ) from exc
-            raise NotAVideoError("not a video file (no known container format)") from exc
+            image = _sniff_image(self.head)
+            if image is not None:
+                raise NotAVideoError(f"a still image ({image}), not a video") from exc
+            raise NotAVideoError(f"not a video file (accepted formats: {ACCEPTED_NAMES})") from exc
 
     @property
     def looks_like(self) -> str | None:
@@ -183,15 +258,10 @@ def _reason(exc: BaseException) -> str:
 def video_stream(container: InputContainer, looks_like: str | None = None) -> VideoStream:
     """The container's main video stream; the demuxer is told to drop all other streams.
 
-    Raises ``NotAVideoError`` for still images (FFmpeg's image demuxers),
-    ``NoVideoStreamError`` when the only pictures are cover art or there are none, and
+    Raises ``NoVideoStreamError`` when the only pictures are cover art or there are none, and
     ``CorruptedVideoError`` when the stream has no usable codec parameters or a file that
     ``looks_like`` a video container (see ``VideoInput.looks_like``) shows no stream at all.
     """
-    format_name = container.format.name
-    if format_name.endswith("_pipe") or format_name.startswith("image2"):
-        codec = container.streams.video[0].codec_context.name if container.streams.video else "image"
-        raise NotAVideoError(f"a still image ({codec}), not a video")
     if looks_like is not None and not (container.streams.video or container.streams.audio):
         raise CorruptedVideoError(f"the file looks like {looks_like} but no video stream can be read")
     candidates = [s for s in container.streams.video if not s.disposition & Disposition.attached_pic]

@@ -34,6 +34,7 @@ from service.video import (
 from service.video import decode as decode_module
 from service.video.index import FrameIndex
 from service.video.sampling import SEEK_COST_FRAMES, plan_runs, sample_positions
+from service.video.source import ACCEPTED_FORMATS
 from tests.media import (
     MAX_INDEX,
     expected_centre_indices,
@@ -96,6 +97,45 @@ def test_test_mode_takes_the_centre_frame_of_each_segment(format_files, name):
     frames = decode_clip(format_files[name], num_frames=8, size=SIZE)
     assert frames.shape == (8, SIZE, SIZE, 3) and frames.dtype == np.uint8
     assert indices(frames) == expected_centre_indices(20, 8) == [1, 3, 6, 8, 11, 13, 16, 18]
+
+
+# Containers on the demuxer list (service.video.source.ACCEPTED_FORMATS) that FORMATS leaves out.
+MORE_CONTAINERS = {
+    "h264.3gp": dict(codec="libx264", gop=4, container="3gp", size=(176, 144)),
+    "h264.flv": dict(codec="libx264", gop=4, container="flv"),
+    "mpeg2.mpg": dict(codec="mpeg2video", gop=4, container="mpeg"),
+    "wmv2.wmv": dict(codec="wmv2", gop=4, container="asf"),
+    "vp9.ivf": dict(codec="libvpx-vp9", gop=4, container="ivf"),
+    "raw.hevc": dict(codec="libx265", gop=4, container="hevc"),
+    "raw.mjpeg": dict(codec="mjpeg", container="mjpeg"),
+}
+
+
+@pytest.mark.parametrize("name", list(MORE_CONTAINERS))
+def test_every_accepted_container_decodes(media, name):
+    path = make_video(media / name, num_frames=20, fps=10, **MORE_CONTAINERS[name])
+    for source in (path, path.read_bytes()):
+        for strategy in ("auto", "seek", "sequential"):
+            assert indices(decode_clip(source, 8, SIZE, strategy=strategy)) == expected_centre_indices(20, 8)
+
+
+def test_the_demuxer_list_names_real_demuxers():
+    """A misspelt name would silently refuse a whole format: each must be one of FFmpeg's demuxers."""
+    demuxer_names = {part for full in av.formats_available if av.format.ContainerFormat(full).is_input
+                     for part in full.split(",")}
+    assert set(ACCEPTED_FORMATS) <= demuxer_names
+    assert not {"concat", "hls", "image2", "sdp", "rtsp", "vobsub"} & set(ACCEPTED_FORMATS)
+
+
+def test_other_formats_are_refused_with_what_is_accepted(media):
+    """NUT is a general-purpose container, but not on the list: refused as it opens, a still image
+    as such."""
+    nut = make_video(media / "clip.nut", container="nut", codec="mpeg4", num_frames=4)
+    with pytest.raises(NotAVideoError, match="accepted formats: MP4/MOV, Matroska/WebM"):
+        decode_clip(nut)
+    for image in (make_png(media / "still.png"), make_png(media / "still.png").read_bytes()):
+        with pytest.raises(NotAVideoError, match=r"a still image \(PNG\)"):
+            decode_clip(image)
 
 
 def test_default_output_is_224_square(format_files):
