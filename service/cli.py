@@ -56,7 +56,7 @@ def model_info_cmd(
 def synth_cmd(
     out: Path = typer.Option(..., help="Output folder (ROOT/videos, ROOT/splits, ROOT/labels.json)."),
     classes: Optional[int] = typer.Option(None, help="Number of motion classes (default: all defined)."),
-    videos_per_class: Optional[int] = typer.Option(None, help="Videos per class."),
+    videos_per_class: Optional[int] = typer.Option(None, help="Videos per class (default 60)."),
     frames: Optional[int] = typer.Option(None, help="Frames per video."),
     size: Optional[int] = typer.Option(None, help="Frame size in pixels (square)."),
     seed: int = typer.Option(0, help="Random seed (same seed, same dataset)."),

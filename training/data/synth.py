@@ -626,7 +626,7 @@ def _prepare_out(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def write_synthetic_dataset(out: str | Path, classes: int | None = None, videos_per_class: int = 20,
+def write_synthetic_dataset(out: str | Path, classes: int | None = None, videos_per_class: int = 60,
                             frames: int = 16, size: int = 96, seed: int = 0,
                             progress: bool = True) -> dict:
     """Write the synthetic motion dataset to ``out`` as real H.264 mp4 files (see the module doc for
