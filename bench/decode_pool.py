@@ -142,8 +142,9 @@ def gateway_settings(workers: int) -> Any:
 
 def gateway_limits(settings: Any) -> DecodeLimits:
     """The ``DecodeLimits`` ``FsarService`` decodes uploads with under ``settings``."""
-    return DecodeLimits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels,
-                        max_duration_s=settings.max_video_seconds, time_budget_s=settings.decode_timeout_s)
+    from service.core import decode_limits
+
+    return decode_limits(settings)
 
 
 def create_pool(workers: int) -> Any:

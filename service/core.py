@@ -174,12 +174,7 @@ class FsarService:
         self.metrics = metrics
         self._decode_pool = create_decode_pool(settings, metrics)
         self._decode_slots = asyncio.Semaphore(settings.decode_concurrency)
-        self._limits = DecodeLimits(
-            max_bytes=settings.max_upload_bytes,
-            max_pixels=settings.max_pixels,
-            max_duration_s=settings.max_video_seconds,
-            time_budget_s=settings.decode_timeout_s,
-        )
+        self._limits = decode_limits(settings)
 
     async def close(self) -> None:
         await self._decode_pool.close()
@@ -707,6 +702,12 @@ class FsarService:
         except Exception as err:
             checks["store"] = f"unavailable: {getattr(err, 'message', err)}"
         return checks
+
+
+def decode_limits(settings: Settings) -> DecodeLimits:
+    """The limits every upload is decoded under (size, pixels, duration, time budget)."""
+    return DecodeLimits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels,
+                        max_duration_s=settings.max_video_seconds, time_budget_s=settings.decode_timeout_s)
 
 
 def create_decode_pool(settings: Settings, metrics: Metrics | None = None) -> DecodePool:
