@@ -34,7 +34,6 @@ WORKDIR /src
 COPY pyproject.toml README.md constraints.txt ./
 COPY training/ training/
 COPY service/ service/
-COPY bench/ bench/
 # constraints.txt pins torch/torchvision (used only when EXTRAS include train).
 RUN pip install --no-cache-dir -c constraints.txt ".[${EXTRAS}]" \
     && fsar --help > /dev/null

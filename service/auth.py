@@ -36,7 +36,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from service.errors import ApiError, error_body
 
 if TYPE_CHECKING:
-    from service.metrics import Metrics
+    from service.telemetry import Metrics
     from service.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -194,7 +194,7 @@ def bench_decode_cmd(
     workdir: Optional[Path] = typer.Option(None, help="Where generated clips are cached."),
 ) -> None:
     """Frame sampling (ours) against decoding every frame (naive baseline)."""
-    from bench.decode import run
+    from service.bench.decode import run
 
     run(quick=quick, json_path=str(json_path) if json_path else None,
         workdir=str(workdir) if workdir else None)
@@ -212,7 +212,7 @@ def bench_decode_pool_cmd(
              "an input, not measured."),
 ) -> None:
     """Decode pool on all cores: exact and keyframe sampling vs decoding every frame, and vs the GPU encoder."""
-    from bench.decode_pool import run
+    from service.bench.decode_pool import run
 
     options = {} if encoder_videos_per_s is None else {"encoder_videos_per_s": encoder_videos_per_s}
     run(quick=quick, json_path=str(json_path) if json_path else None, workdir=str(workdir) if workdir else None,
@@ -226,7 +226,7 @@ def bench_e2e_cmd(
     backbone: Optional[str] = typer.Option(None, help="Backbone (random weights); default fsar-tiny quick, ViT-B-32 full."),
 ) -> None:
     """/classify over HTTP at concurrency 1, 4, 16 against the naive decode-all / encode-all pipeline."""
-    from bench.e2e import run
+    from service.bench.e2e import run
 
     run(quick=quick, json_path=str(json_path) if json_path else None, backbone=backbone)
 
@@ -238,7 +238,7 @@ def bench_cache_cmd(
     backbone: Optional[str] = typer.Option(None, help="Backbone (random weights)."),
 ) -> None:
     """Feature-cache hit vs miss, and classify against a registered set vs re-registering it."""
-    from bench.cache import run
+    from service.bench.cache import run
 
     run(quick=quick, json_path=str(json_path) if json_path else None, backbone=backbone)
 
@@ -250,7 +250,7 @@ def bench_encoder_cmd(
     device: Optional[str] = typer.Option(None, help="cuda | cpu (default: cuda; cpu only with --quick)."),
 ) -> None:
     """GPU video-encoder throughput: eager fp16 baseline vs our path, and through Triton."""
-    from bench.encoder import run
+    from service.bench.encoder import run
 
     run(quick=quick, json_path=str(json_path) if json_path else None, device=device)
 
@@ -260,7 +260,7 @@ def _is_user_error(err: BaseException) -> bool:
     if isinstance(err, CliError):
         return True
     module = type(err).__module__ or ""
-    return module.startswith(("training.", "service.", "bench.")) and isinstance(err, (ValueError, RuntimeError, OSError))
+    return module.startswith(("training.", "service.")) and isinstance(err, (ValueError, RuntimeError, OSError))
 
 
 def main(argv: Optional[List[str]] = None) -> None:

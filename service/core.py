@@ -54,16 +54,15 @@ from service.errors import (
     PayloadTooLarge,
     SupportSetNotFound,
     UnsupportedMedia,
+    from_decode_error,
 )
-from service.metrics import Metrics
+from service.telemetry import Metrics
 from service.settings import Settings
 from service.store.base import Batch, Store, StoreConflict
-from service.video import DecodeLimits, VideoDecodeError, decode_clip, frame_to_square
+from training.video import DecodeLimits, VideoDecodeError, decode_clip, frame_to_square
 
 log = logging.getLogger(__name__)
 
-#: Decode error codes that mean "over a limit" (HTTP 413); every other code is "not decodable" (415).
-TOO_LARGE_CODES = frozenset({"too_large", "too_long", "too_many_pixels"})
 MAX_LABEL_CHARS = 200
 ENCODE_BATCH = 8
 CONFLICT_RETRIES = 3
@@ -240,11 +239,7 @@ class FsarService:
                         decode, upload.source, num_frames=self.num_frames, size=self.input_size, mode="test",
                         limits=self._limits)
                 except VideoDecodeError as err:
-                    message = f"{upload.filename or 'upload'}: {err}"
-                    code = err.code
-                    if code in TOO_LARGE_CODES or getattr(err, "http_status", 415) == 413:
-                        raise PayloadTooLarge(message, code=code) from err
-                    raise UnsupportedMedia(message, code=code) from err
+                    raise from_decode_error(err, upload.filename) from err
 
     async def _decode_many(self, uploads: dict[str, Upload]) -> dict[str, np.ndarray]:
         hashes = list(uploads)

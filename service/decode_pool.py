@@ -7,7 +7,7 @@ decode thread forever, or take the whole gateway down. A worker process can be k
 
 `ProcessDecodePool` (the default, setting `decode_isolation=process`):
 - `workers` processes, each a fresh interpreter (fork+exec, as multiprocessing's `spawn`: a plain `fork`
-  after PyAV was used in the parent can hang, SERVING.md) that imports only numpy and `service.video`
+  after PyAV was used in the parent can hang, SERVING.md) that imports only numpy and `training.video`
   (no torch) and dies with the gateway;
 - one job per worker at a time; the job's arguments and result travel through a socket pair (pickled
   by our own code on both ends, never data from a client). The gateway's uploads are files on disk
@@ -44,7 +44,7 @@ from multiprocessing.connection import Connection
 from typing import Any, Callable
 
 from service.errors import ServiceUnavailable
-from service.video import CorruptedVideoError, DecodeTimeoutError, VideoDecodeError, decode_clip
+from training.video import CorruptedVideoError, DecodeTimeoutError, VideoDecodeError, decode_clip
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def _worker_main(fd: int, parent_pid: int) -> None:
     _die_with_parent(parent_pid)
     logging.basicConfig(level=logging.WARNING,
                         format=f"%(asctime)s %(levelname)s decode-worker[{os.getpid()}] %(name)s: %(message)s")
-    import service.video  # noqa: F401  (import once, before the first job's clock starts)
+    import training.video  # noqa: F401  (import once, before the first job's clock starts)
 
     conn = Connection(fd)
     conn.send(("ready", os.getpid()))

@@ -18,6 +18,11 @@ API renders every one of them as `{"error": {"code": ..., "message": ...}}`.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from training.video.errors import VideoDecodeError
+
 
 class ApiError(Exception):
     """An error with an HTTP status, a stable code and a readable message."""
@@ -85,6 +90,28 @@ class BackendUnavailable(ServiceUnavailable):
     """The model backend (embedded model or Triton) is not loaded or not reachable."""
 
     code = "backend_unavailable"
+
+
+#: The HTTP status of each decode error code (`training.video.errors`): over a limit is 413, anything
+#: else the decoder refuses is 415. The decoder itself knows no statuses; this is the one table.
+DECODE_STATUS: dict[str, int] = {
+    "not_a_video": 415,
+    "no_video_stream": 415,
+    "corrupted": 415,
+    "timeout": 415,
+    "too_large": 413,
+    "too_long": 413,
+    "too_many_pixels": 413,
+}
+
+
+def from_decode_error(err: "VideoDecodeError", filename: str | None = None) -> ApiError:
+    """The API error for a decode failure: the decoder's code and message (prefixed with the upload's
+    name), at the status `DECODE_STATUS` gives the code (415 for a code it does not list)."""
+    message = f"{filename or 'upload'}: {err.message}"
+    status = DECODE_STATUS.get(err.code, 415)
+    error_type = PayloadTooLarge if status == 413 else UnsupportedMedia
+    return error_type(message, code=err.code)
 
 
 def error_body(code: str, message: str) -> dict:

@@ -551,7 +551,7 @@ def test_triton_image_is_a_recent_triton_py3_release_with_the_train_extra() -> N
 # =========================================================================== build context
 def test_build_context_holds_the_sources_and_nothing_heavy() -> None:
     sources = []
-    for package in ("training", "service", "bench"):
+    for package in ("training", "service"):
         sources += [p.relative_to(ROOT).as_posix() for p in (ROOT / package).rglob("*")
                     if p.is_file() and "__pycache__" not in p.parts]
     for path in ["pyproject.toml", "README.md", "constraints.txt", *sources]:

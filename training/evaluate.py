@@ -181,7 +181,7 @@ def swap_metric(model: FsarModel, metric: str) -> None:
 
     Parameter-free metrics (otam, bimhm, mean) swap freely; swapping TO trx gives an untrained TRX
     (a warning says so)."""
-    from training.metrics import build_metric
+    from training.model.temporal_metrics import build_metric
 
     config = model.config.replace(metric=metric)
     if metric == model.config.metric:

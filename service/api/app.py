@@ -25,7 +25,7 @@ from service.backends import create_backend
 from service.core import FsarService
 from service.errors import ApiError, error_body
 from service.limits import BodySizeLimitMiddleware
-from service.metrics import Metrics, RequestMetricsMiddleware
+from service.telemetry import Metrics, RequestMetricsMiddleware
 from service.ratelimit import create_rate_limiter
 from service.settings import Settings
 from service.store import create_store

@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 
 from service.decode_pool import DecoderUnavailable, ProcessDecodePool, ThreadDecodePool
-from service.video import CorruptedVideoError, DecodeTimeoutError, NotAVideoError, decode_clip
+from training.video import CorruptedVideoError, DecodeTimeoutError, NotAVideoError, decode_clip
 from tests.media import make_video_bytes
 from tests.service.live_gateway import LiveGateway
 from tests.service.test_api import class_video, tiny_settings

@@ -27,7 +27,7 @@ import pytest
 from service.api.deps import UPLOAD_FILE_PREFIX, _copy, _storage_error
 from service.core import FsarService, Upload
 from service.decode_pool import decode_file
-from service.video import decode_clip
+from training.video import decode_clip
 from tests.media import make_video_bytes
 from tests.service.live_gateway import LiveGateway
 from tests.service.test_api import LABELS, assert_error, class_video, running, tiny_settings

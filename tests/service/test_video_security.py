@@ -28,8 +28,10 @@ from pathlib import Path
 import av
 import pytest
 
+from service.errors import DECODE_STATUS
+
 from service.decode_pool import decode_file
-from service.video import DecodeLimits, VideoDecodeError, decode_clip, source as source_module
+from training.video import DecodeLimits, VideoDecodeError, decode_clip, source as source_module
 from tests.media import make_png, make_video, read_index
 from tests.service.test_api import assert_error, running, tiny_settings
 
@@ -117,7 +119,7 @@ def _refused(call: Callable[[], object], label: str) -> None:
     try:
         frames = call()
     except VideoDecodeError as error:
-        assert (error.code, error.http_status) == ("not_a_video", 415), (label, error.message)
+        assert (error.code, DECODE_STATUS[error.code]) == ("not_a_video", 415), (label, error.message)
     else:
         pytest.fail(f"{label}: decoded {getattr(frames, 'shape', frames)} from a file the upload names")
 

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from service.video import decode_clip
+from training.video import decode_clip
 from training.data import (
     DATASET_PRESETS,
     CorruptSampleWarning,

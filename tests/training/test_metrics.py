@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from training.metrics import (
+from training.model.temporal_metrics import (
     TRX,
     bimhm_distance,
     build_metric,

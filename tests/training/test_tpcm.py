@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.metrics import otam_distance
+from training.model.temporal_metrics import otam_distance
 from training.model.tpcm import TPCM
 
 

@@ -21,7 +21,7 @@ Layouts ``load_dataset`` reads:
 Label texts default to the class folder name with ``_`` read as spaces.
 
 The dataset holds file lists only; frames are decoded in ``__getitem__`` (in DataLoader workers).
-Corrupt samples: a video that fails to decode (``service.video.VideoDecodeError``) or an unreadable
+Corrupt samples: a video that fails to decode (``training.video.VideoDecodeError``) or an unreadable
 frame folder does not stop training. ``__getitem__`` warns (``CorruptSampleWarning``, once per file
 and process) and returns another, randomly chosen video of the SAME class instead, so the label and
 an episode's structure stay right; it gives up with ``DatasetError`` after ``max_retries`` bad files
@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from service.video import VideoDecodeError, decode_clip, frame_to_square
+from training.video import VideoDecodeError, decode_clip, frame_to_square
 
 __all__ = [
     "DatasetError",
@@ -146,7 +146,7 @@ def sample_frame_indices(count: int, num_frames: int, mode: Mode = "test",
 
 def _square_frame(image, size: int) -> np.ndarray:
     """PIL image -> uint8 [size, size, 3], resized and cropped exactly as video frames are
-    (``service.video.frame_to_square``: short side to ``size`` in swscale, centre crop)."""
+    (``training.video.frame_to_square``: short side to ``size`` in swscale, centre crop)."""
     rgb = np.asarray(image.convert("RGB"))
     return frame_to_square(av.VideoFrame.from_ndarray(rgb, format="rgb24"), size, None)
 
@@ -241,7 +241,7 @@ class VideoDataset(Dataset):
 
     def load(self, index: int, rng: np.random.Generator | None = None) -> np.ndarray:
         """Decode item ``index`` without any fallback. Returns uint8 [T, S, S, 3]; raises
-        ``service.video.VideoDecodeError`` / DatasetError / OSError when it cannot be read."""
+        ``training.video.VideoDecodeError`` / DatasetError / OSError when it cannot be read."""
         source = self._sources[index]
         if self.mode == "train" and rng is None:
             rng = self._rng()

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from training.metrics import build_metric
+from training.model.temporal_metrics import build_metric
 from training.model.adapters import TemporalAdapter
 from training.model.backbone import Backbone, load_backbone
 from training.model.config import ModelConfig

@@ -4,16 +4,19 @@ Public API:
 - :func:`decode_clip` (``source -> uint8 [T, size, size, 3]``) and :func:`probe`
   (``source -> VideoInfo``),
 - :class:`DecodeLimits` (bytes, pixels, duration, frames, time budget),
-- :class:`VideoDecodeError` and its subclasses, each with ``code``, ``message`` and
-  ``http_status`` (413 over a limit, 415 not decodable).
+- :class:`VideoDecodeError` and its subclasses, each with a ``code`` and a ``message`` (no HTTP
+  knowledge: the gateway maps codes to statuses).
+
+Shared by training (datasets) and serving (the gateway's decode pool), so both sample frames
+identically; it imports nothing from either.
 
 Module map: ``source`` (inputs, limits, opening), ``index`` (the frame index from one demux
 pass), ``sampling`` (which frames, and the seek-or-decode-forward plan), ``decode``
 (decoding, resizing, cropping, rotation), ``errors``.
 """
 
-from service.video.decode import decode_clip, frame_to_square, probe
-from service.video.errors import (
+from training.video.decode import decode_clip, frame_to_square, probe
+from training.video.errors import (
     CorruptedVideoError,
     DecodeTimeoutError,
     NotAVideoError,
@@ -23,8 +26,8 @@ from service.video.errors import (
     VideoTooLargeError,
     VideoTooLongError,
 )
-from service.video.index import VideoInfo
-from service.video.source import DecodeLimits, VideoSource
+from training.video.index import VideoInfo
+from training.video.source import DecodeLimits, VideoSource
 
 __all__ = [
     "CorruptedVideoError",

@@ -1,11 +1,11 @@
-"""Shared pieces of the gateway benchmarks (``bench.e2e``, ``bench.cache``, ``bench.encoder``).
+"""Shared pieces of the gateway benchmarks (``service.bench.e2e``, ``service.bench.cache``, ``service.bench.encoder``).
 
-- :func:`machine_info`: ``bench.decode``'s machine facts plus the CPU model, torch, the load
+- :func:`machine_info`: ``service.bench.decode``'s machine facts plus the CPU model, torch, the load
   average and the date, for every JSON report;
 - :func:`format_table` / :func:`write_report`: plain-text tables and JSON files in the style of
-  ``bench.decode``;
+  ``service.bench.decode``;
 - :func:`scenario_clips` / :func:`retagged`: realistic H.264 clips generated once with PyAV
-  (``bench.decode.make_clip``: a panning texture, moving blocks, light noise) and distinct byte
+  (``service.bench.decode.make_clip``: a panning texture, moving blocks, light noise) and distinct byte
   strings of the same clip (a remux with a different metadata tag: same packets, same decode cost,
   another sha256, so the gateway's query cache cannot answer it);
 - :class:`GatewayProcess`: the gateway as a real uvicorn process (``service.server.serve``) on a
@@ -35,8 +35,8 @@ from typing import Any
 import av
 import numpy as np
 
-from bench.decode import ClipSpec, make_clip
-from bench.decode import machine_info as decode_machine_info
+from service.bench.decode import ClipSpec, make_clip
+from service.bench.decode import machine_info as decode_machine_info
 
 LABELS = ("open valve", "stand up", "wave hand", "sit down", "pick up box")
 NUM_FRAMES = 8
@@ -57,7 +57,7 @@ def cpu_model() -> str:
 
 
 def machine_info() -> dict[str, Any]:
-    """Facts about this machine for a report: ``bench.decode.machine_info()`` plus ``cpu_model``,
+    """Facts about this machine for a report: ``service.bench.decode.machine_info()`` plus ``cpu_model``,
     ``torch``, ``cuda_device`` (None without CUDA), ``load_avg`` (1/5/15 min) and ``date``."""
     info = dict(decode_machine_info())
     info["cpu_model"] = cpu_model()

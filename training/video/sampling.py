@@ -28,7 +28,7 @@ a single keyframe (GIF, some screen recordings) is one pass, stopped at the last
 Containers whose demuxer cannot seek exactly (MPEG-TS/PS, FLV, raw streams: see
 ``decode.SEEKS_PRECISELY``) always get the one pass.
 
-Measured (bench/decode.py, 30 s 720p H.264, 8 frames, 2 cores): keyframes every 1 s, the
+Measured (service/bench/decode.py, 30 s 720p H.264, 8 frames, 2 cores): keyframes every 1 s, the
 plan passes through 124 of 900 frames with 8 seeks; every 10 s, 733 frames with 2 seeks
 (one pass: 844).
 """
@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.video.index import FrameIndex
+from training.video.index import FrameIndex
 
 # A seek costs about this many decoded frames: the demuxer jump, the decoder flush and
 # refilling its frame-thread pipeline (measured on 720p H.264, 2 cores: a seek plus one

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.decode_pool import (
+from service.bench.decode_pool import (
     BASELINE,
     MODES,
     BenchArgumentError,
@@ -25,7 +25,7 @@ from bench.decode_pool import (
     load_videos,
     run,
 )
-from service.video import decode_clip
+from training.video import decode_clip
 
 pytestmark = pytest.mark.timeout(180)
 

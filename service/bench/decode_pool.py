@@ -10,12 +10,12 @@ the service. This benchmark measures it with the gateway's own machinery:
   upload (which the gateway has stored as a file): ``decode_file(path, num_frames=8, size=224,
   mode="test", limits=...)``, the worker opening the file, with the gateway's default
   ``DecodeLimits``; ``FSAR_*`` variables are ignored, so runs compare;
-- the clips (generated once with ``bench.decode.make_clip`` into ``workdir``): 10 s 1280x720
+- the clips (generated once with ``service.bench.decode.make_clip`` into ``workdir``): 10 s 1280x720
   30 fps H.264 (mp4, x264 ``veryfast``), 8 distinct files (scene seeds 1-8) per keyframe
   spacing: ``h264_gop2s`` (a keyframe every 2 s, like much phone and web video) and
   ``h264_gop10s`` (one keyframe in the clip). Quick run: 2 files per spacing, 192x108 15 fps;
 - rows per clip set and worker count (1 and ``--workers``, default ``os.cpu_count()``):
-  ``decode-all`` (the baseline: ``bench.decode.naive_sample``, every frame decoded, the 8 target
+  ``decode-all`` (the baseline: ``service.bench.decode.naive_sample``, every frame decoded, the 8 target
   frames converted; handed the target timestamps for free), ``exact`` (``decode_file`` as the
   gateway calls it) and ``keyframes`` (``fast=True``);
 - a round submits every file at once (repeated until there are at least 4 jobs per worker, so the
@@ -45,7 +45,7 @@ skews less). The encoder figure is an input, not measured here. ``machine`` has 
 core count and the load average at start and end: other work on the machine skews wall times.
 
 Run: ``fsar bench decode-pool [--quick] [--json out.json] [--workers N] [--workdir DIR]
-[--encoder-videos-per-s X]`` or ``python -m bench.decode_pool`` with the same options.
+[--encoder-videos-per-s X]`` or ``python -m service.bench.decode_pool`` with the same options.
 """
 
 from __future__ import annotations
@@ -65,10 +65,10 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import cpu_model, default_workdir, format_table, process_tree_cpu_seconds, ratio, write_report
-from bench.decode import NUM_FRAMES, SIZE, ClipSpec, exact_target_pts, machine_info, make_clip, naive_sample
+from service.bench.common import cpu_model, default_workdir, format_table, process_tree_cpu_seconds, ratio, write_report
+from service.bench.decode import NUM_FRAMES, SIZE, ClipSpec, exact_target_pts, machine_info, make_clip, naive_sample
 from service.decode_pool import decode_file
-from service.video import DecodeLimits, decode_clip
+from training.video import DecodeLimits, decode_clip
 
 BASELINE = "decode-all"
 MODES = (BASELINE, "exact", "keyframes")

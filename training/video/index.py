@@ -18,8 +18,8 @@ import numpy as np
 from av.container import InputContainer
 from av.video.stream import VideoStream
 
-from service.video.errors import CorruptedVideoError, VideoTooLongError
-from service.video.source import (
+from training.video.errors import CorruptedVideoError, VideoTooLongError
+from training.video.source import (
     DecodeLimits,
     Deadline,
     VideoInput,

@@ -17,7 +17,9 @@ import av
 import numpy as np
 import pytest
 
-from service.video import (
+from service.errors import DECODE_STATUS
+
+from training.video import (
     CorruptedVideoError,
     DecodeLimits,
     DecodeTimeoutError,
@@ -31,10 +33,10 @@ from service.video import (
     frame_to_square,
     probe,
 )
-from service.video import decode as decode_module
-from service.video.index import FrameIndex
-from service.video.sampling import SEEK_COST_FRAMES, plan_runs, sample_positions
-from service.video.source import ACCEPTED_FORMATS
+from training.video import decode as decode_module
+from training.video.index import FrameIndex
+from training.video.sampling import SEEK_COST_FRAMES, plan_runs, sample_positions
+from training.video.source import ACCEPTED_FORMATS
 from tests.media import (
     MAX_INDEX,
     expected_centre_indices,
@@ -99,7 +101,7 @@ def test_test_mode_takes_the_centre_frame_of_each_segment(format_files, name):
     assert indices(frames) == expected_centre_indices(20, 8) == [1, 3, 6, 8, 11, 13, 16, 18]
 
 
-# Containers on the demuxer list (service.video.source.ACCEPTED_FORMATS) that FORMATS leaves out.
+# Containers on the demuxer list (training.video.source.ACCEPTED_FORMATS) that FORMATS leaves out.
 MORE_CONTAINERS = {
     "h264.3gp": dict(codec="libx264", gop=4, container="3gp", size=(176, 144)),
     "h264.flv": dict(codec="libx264", gop=4, container="flv"),
@@ -171,14 +173,14 @@ def test_a_decoder_that_ignores_per_packet_skipping_is_caught(format_files, monk
 @pytest.mark.parametrize("name", list(FORMATS))
 @pytest.mark.parametrize("num_frames", [3, 8, 13])
 def test_seeking_and_one_sequential_pass_return_identical_frames(format_files, name, num_frames, caplog):
-    caplog.set_level(logging.INFO, logger="service.video.decode")
+    caplog.set_level(logging.INFO, logger="training.video.decode")
     by_seek = decode_clip(format_files[name], num_frames, SIZE, strategy="seek")
     sequential = decode_clip(format_files[name], num_frames, SIZE, strategy="sequential")
     auto = decode_clip(format_files[name], num_frames, SIZE)
     assert np.array_equal(by_seek, sequential) and np.array_equal(auto, sequential)
     assert indices(sequential) == expected_centre_indices(20, num_frames)
     # First time right: no safety net (a missed seek, a skipped target) had to decode again.
-    assert not [record.message for record in caplog.records if record.name == "service.video.decode"]
+    assert not [record.message for record in caplog.records if record.name == "training.video.decode"]
 
 
 def test_webm_without_frame_count_is_sampled_by_time(format_files):
@@ -296,8 +298,8 @@ def test_non_videos_are_refused_with_a_code(media, make, code, status):
     source = make(media)
     with pytest.raises(VideoDecodeError) as caught:
         decode_clip(source)
-    assert (caught.value.code, caught.value.http_status) == (code, status)
-    assert caught.value.message and caught.value.to_dict() == {"code": code, "message": caught.value.message}
+    assert (caught.value.code, DECODE_STATUS[caught.value.code]) == (code, status)
+    assert caught.value.message and str(caught.value) == caught.value.message
 
 
 def test_errors_survive_pickling_for_decode_worker_processes():
@@ -307,7 +309,7 @@ def test_errors_survive_pickling_for_decode_worker_processes():
         error = error_type("the reason")
         copy = pickle.loads(pickle.dumps(error))
         assert type(copy) is error_type and isinstance(copy, VideoDecodeError)
-        assert (copy.code, copy.message, copy.http_status, str(copy)) == (error.code, "the reason", error.http_status,
+        assert (copy.code, copy.message, DECODE_STATUS[copy.code], str(copy)) == (error.code, "the reason", DECODE_STATUS[error.code],
                                                                          "the reason")
 
 
@@ -391,7 +393,7 @@ def test_each_limit_raises_its_error(format_files, media):
         for source in (path, path.read_bytes(), io.BytesIO(path.read_bytes())):
             with pytest.raises(VideoDecodeError) as caught:
                 decode_clip(source, limits=limits)
-            assert (caught.value.code, caught.value.http_status) == (code, status), limits
+            assert (caught.value.code, DECODE_STATUS[caught.value.code]) == (code, status), limits
     at_the_limits = DecodeLimits(max_bytes=size, max_pixels=64 * 48, max_duration_s=2.0, max_frames=20)
     assert decode_clip(path, 8, SIZE, limits=at_the_limits).shape == (8, SIZE, SIZE, 3)
 

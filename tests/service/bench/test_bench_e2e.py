@@ -10,8 +10,8 @@ import json
 
 import pytest
 
-from bench import cache, e2e, encoder
-from bench.common import LABELS, retagged, scenario_clips
+from service.bench import cache, e2e, encoder
+from service.bench.common import LABELS, retagged, scenario_clips
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -19,7 +19,7 @@ LEVELS = [1, 4]
 
 
 def test_retagged_clip_has_other_bytes_and_the_same_frames(tmp_path) -> None:
-    from service.video import decode_clip
+    from training.video import decode_clip
 
     clip = scenario_clips(True, tmp_path / "clips", num_queries=1).queries[0]
     copy = retagged(clip, "another request")

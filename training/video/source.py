@@ -24,7 +24,7 @@ from av.container import InputContainer
 from av.stream import Discard, Disposition
 from av.video.stream import VideoStream
 
-from service.video.errors import (
+from training.video.errors import (
     CorruptedVideoError,
     DecodeTimeoutError,
     NotAVideoError,

@@ -3,7 +3,7 @@
 The gateway runs as a real uvicorn process on 127.0.0.1 (``service.server.serve``, embedded
 backend, random weights, seed 0, 8 frames; Redis on 127.0.0.1:6379 db 12 under this run's own key
 prefix when one answers, else the in-process store). A 5-way 1-shot support set is registered once
-(five generated H.264 clips, see ``bench.common.scenario_clips``), then ``/classify`` is driven by
+(five generated H.264 clips, see ``service.bench.common.scenario_clips``), then ``/classify`` is driven by
 an httpx ``AsyncClient`` at each concurrency (1, 4, 16: that many requests in flight at all times):
 
 - ``gateway``: every request sends other bytes (a retagged copy of one of three query clips:
@@ -34,9 +34,9 @@ JSON: ``{"machine", "quick", "settings", "clips", "gateway_startup_s", "gateway_
 "support_reencoded_during_classify", "targets"}``; ``targets`` holds each target's ``value``,
 ``target`` and ``met``.
 
-Run: ``python -m bench.e2e [--quick] [--json out.json] [--backbone NAME] [--concurrency 1 4 16]
+Run: ``python -m service.bench.e2e [--quick] [--json out.json] [--backbone NAME] [--concurrency 1 4 16]
 [--requests N] [--workdir DIR] [--redis-url URL|none] [--gateway-setting NAME=VALUE ...]``;
-``python -m bench.e2e --memory [--json out.json]`` runs :func:`upload_memory` instead.
+``python -m service.bench.e2e --memory [--json out.json]`` runs :func:`upload_memory` instead.
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ from typing import Any
 import av
 import numpy as np
 
-from bench.common import (
+from service.bench.common import (
     LABELS,
     NUM_FRAMES,
     GatewayProcess,
@@ -97,7 +97,7 @@ def resolve_redis(redis_url: str | None) -> str | None:
 def naive_decode(data: bytes, num_frames: int, size: int) -> np.ndarray:
     """Decode every frame of a video, keep the ``num_frames`` at the centres of equal segments:
     uint8 ``[T, size, size, 3]``. Frame count from the stream header (what a script would read)."""
-    from service.video import frame_to_square
+    from training.video import frame_to_square
 
     with av.open(io.BytesIO(data)) as container:
         stream = container.streams.video[0]

@@ -33,7 +33,7 @@ has ``backbone``, ``path``, ``batch`` (Triton: None, with ``clients``), ``videos
 ``ms_per_batch``, ``batches_timed``, ``precision``, ``compiled``, ``overlap``,
 ``speedup_vs_baseline``, ``max_abs_diff``, ``cosine_min``, ``error``.
 
-Run: ``python -m bench.encoder [--quick] [--json out.json] [--device cuda|cpu] [--backbones ...]
+Run: ``python -m service.bench.encoder [--quick] [--json out.json] [--device cuda|cpu] [--backbones ...]
 [--batches ...] [--compile-batches ...] [--no-compile] [--no-triton] [--triton-clients N]``.
 """
 from __future__ import annotations
@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import NUM_FRAMES, format_table, machine_info, ratio, write_report
+from service.bench.common import NUM_FRAMES, format_table, machine_info, ratio, write_report
 
 BACKBONES = ("ViT-B-16", "ViT-B-32")
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128)

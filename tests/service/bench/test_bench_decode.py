@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from bench.decode import clip_specs, make_clip, run
+from service.bench.decode import clip_specs, make_clip, run
 
 ROWS = ["exact/auto", "exact/seek", "exact/sequential", "keyframes"]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench.common import scenario_clips
-from bench.e2e import PaddedUpload, upload_memory
+from service.bench.common import scenario_clips
+from service.bench.e2e import PaddedUpload, upload_memory
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -14,7 +14,7 @@ MB = 1024 ** 2
 
 
 def test_padded_upload_is_a_decodable_video_of_the_exact_size(tmp_path) -> None:
-    from service.video import decode_clip
+    from training.video import decode_clip
 
     clip = scenario_clips(True, tmp_path / "clips", num_queries=1).queries[0]
     upload = PaddedUpload(clip, 3 * MB)

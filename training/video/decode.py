@@ -32,10 +32,10 @@ from av.video.frame import VideoFrame
 from av.video.reformatter import VideoReformatter
 from av.video.stream import VideoStream
 
-from service.video.errors import CorruptedVideoError, VideoDecodeError, VideoTooLargeError
-from service.video.index import FrameIndex, VideoInfo, describe, open_indexed
-from service.video.sampling import Run, as_generator, plan_runs, sample_positions, seek_cost_for
-from service.video.source import DecodeLimits, Deadline, VideoInput, VideoSource, check_pixels, video_stream
+from training.video.errors import CorruptedVideoError, VideoDecodeError, VideoTooLargeError
+from training.video.index import FrameIndex, VideoInfo, describe, open_indexed
+from training.video.sampling import Run, as_generator, plan_runs, sample_positions, seek_cost_for
+from training.video.source import DecodeLimits, Deadline, VideoInput, VideoSource, check_pixels, video_stream
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def decode_clip(
     - ``fast``: take the keyframe nearest each sampling time instead (decodes only
       keyframes: several times cheaper on long GOPs, frames up to half a GOP off).
     - ``strategy``: how to reach the frames; ``"auto"`` picks per file by keyframe spacing
-      (see ``service.video.sampling``); ``"seek"`` / ``"sequential"`` force one way (same
+      (see ``training.video.sampling``); ``"seek"`` / ``"sequential"`` force one way (same
       frames; seeks happen only in containers that seek exactly, :data:`SEEKS_PRECISELY`).
     - ``limits``: :class:`DecodeLimits` (defaults: 200 MiB, 4096x4096 pixels, 10 min,
       30 s of decoding).

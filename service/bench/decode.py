@@ -30,7 +30,7 @@ frames among them are skipped, not decoded), ``video_frames``, ``frames_match`` 
 clip's ``codec``, ``resolution``, ``duration_s``, ``keyframe_interval_s``. ``machine`` has
 the load average at start and end: other work on the machine skews wall times.
 
-Run: ``python -m bench.decode [--quick] [--json out.json] [--workdir DIR]``.
+Run: ``python -m service.bench.decode [--quick] [--json out.json] [--workdir DIR]``.
 """
 
 from __future__ import annotations
@@ -52,10 +52,10 @@ import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
-from service.video import DecodeLimits, decode_clip, frame_to_square
-from service.video.index import open_indexed
-from service.video.sampling import decoded_frame_count, plan_runs, sample_positions, seek_cost_for
-from service.video.source import Deadline, VideoInput
+from training.video import DecodeLimits, decode_clip, frame_to_square
+from training.video.index import open_indexed
+from training.video.sampling import decoded_frame_count, plan_runs, sample_positions, seek_cost_for
+from training.video.source import Deadline, VideoInput
 
 NUM_FRAMES = 8
 SIZE = 224

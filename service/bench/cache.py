@@ -1,6 +1,6 @@
 """Benchmark: what the gateway's caches save, over HTTP, one request at a time.
 
-Same gateway as ``bench.e2e`` (a real uvicorn process, embedded backend, random weights, 8 frames,
+Same gateway as ``service.bench.e2e`` (a real uvicorn process, embedded backend, random weights, 8 frames,
 the local Redis when one answers) and the same generated clips. Three comparisons, each ours
 against its baseline, every request timed at the client:
 
@@ -23,7 +23,7 @@ p50 / ours p50.
 JSON: ``{"machine", "quick", "settings", "clips", "comparisons": [{"name", "ours", "baseline",
 "speedup_vs_baseline", "mean_speedup_vs_baseline"}], "targets"}``.
 
-Run: ``python -m bench.cache [--quick] [--json out.json] [--backbone NAME] [--repeats N]
+Run: ``python -m service.bench.cache [--quick] [--json out.json] [--backbone NAME] [--repeats N]
 [--workdir DIR] [--redis-url URL|none]``.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from bench.common import (
+from service.bench.common import (
     NUM_FRAMES,
     BenchRequestError,
     GatewayProcess,
@@ -52,7 +52,7 @@ from bench.common import (
     stage_deltas,
     write_report,
 )
-from bench.e2e import AUTO, WARMUP, default_backbone, resolve_redis
+from service.bench.e2e import AUTO, WARMUP, default_backbone, resolve_redis
 
 TARGET_HIT_SPEEDUP = 10.0
 
