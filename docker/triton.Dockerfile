@@ -39,7 +39,6 @@ WORKDIR /opt/fsar/src
 COPY pyproject.toml README.md constraints.txt ./
 COPY training/ training/
 COPY service/ service/
-COPY bench/ bench/
 # numpy<2: Triton's Python-backend stub is built against NumPy 1.x (a known issue of the 2.5x/25.xx
 # releases, triton-inference-server/server#8301); with NumPy 2 it misreads every tensor.
 RUN python3 -m pip install --no-cache-dir -c constraints.txt ".[train]" "numpy<2" \
