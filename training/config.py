@@ -39,6 +39,7 @@ class DataConfig:
     preset: Optional[str] = None  # a name in training.data.DATASET_PRESETS, checked against ROOT
     train_split: str = "train"
     val_split: str = "val"
+    skip_missing: bool = False  # train without listed videos that are not on disk (else training refuses to start)
     size: Optional[int] = None  # frame size in pixels; None = the backbone's input size
     num_workers: int = 2  # DataLoader workers (0 = load in the main process)
 

@@ -17,13 +17,16 @@ What one optimiser step does (``grad_accum`` iterations, each one episode or one
   class texts ``[C, D]``; contrastive KL + CMC + VC + CMLM through ``multitask_loss``. Accuracy is
   zero-shot over the training classes (the CMC prediction).
 
-Around it: optimiser and schedule from the config (``training.optim``), autocast on CUDA (bf16,
-or fp16 with a gradient scaler; off on CPU), gradient accumulation, a tqdm bar with loss and
-accuracy, ``DIR/metrics.csv`` (and TensorBoard when installed), DDP under ``torchrun`` (process
-group from the environment when ``WORLD_SIZE > 1``; each rank takes its own episodes / batches;
-only rank 0 writes), resume from ``DIR/last.pt`` + ``DIR/last.state.pt`` (trainable weights,
-optimiser, scheduler, scaler, heads, step, RNG), and periodic validation written to ``DIR/best.pt``
-when it improves. Checkpoints go through :mod:`training.checkpoint`.
+Before anything else, ``training.preflight.check_training_data`` checks the config against the
+dataset (classes and videos per class for the episode settings, missing videos, label texts, batches)
+and stops with one sentence naming the key to change. Around the loop: optimiser and schedule from
+the config (``training.optim``), autocast on CUDA (bf16, or fp16 with a gradient scaler; off on
+CPU), gradient accumulation, a tqdm bar with loss and accuracy, ``DIR/metrics.csv`` (and
+TensorBoard when installed), DDP under ``torchrun`` (process group from the environment when
+``WORLD_SIZE > 1``; each rank takes its own episodes / batches; only rank 0 writes), resume from
+``DIR/last.pt`` + ``DIR/last.state.pt`` (trainable weights, optimiser, scheduler, scaler, heads,
+step, RNG), and periodic validation written to ``DIR/best.pt`` when it improves. Checkpoints go
+through :mod:`training.checkpoint`.
 """
 from __future__ import annotations
 
@@ -50,6 +53,7 @@ from training.config import ConfigError, TrainConfig, load_config, save_config
 from training.evaluate import autocast_context, encode_split, episode_accuracies, mean_ci95, zero_shot_accuracy
 from training.model import FsarModel, build_model
 from training.optim import build_optimizer, build_scheduler, effective_lr
+from training.preflight import check_training_data, validation_mode
 
 logger = logging.getLogger(__name__)
 
@@ -248,12 +252,6 @@ def _check_data(cfg: TrainConfig, data: Path) -> None:
             raise TrainingError(f"dataset at {data} does not fit preset {cfg.data.preset!r}:\n  - {listed}")
 
 
-def _has_split(data: Path, split: str) -> bool:
-    if data.is_file():  # a CSV: load_dataset tells whether the split exists
-        return True
-    return (data / "splits" / f"{split}.txt").is_file()
-
-
 # --------------------------------------------------------------------------- logging
 class MetricsLog:
     """``DIR/metrics.csv`` (one row per log interval and per validation) plus TensorBoard when installed."""
@@ -323,7 +321,7 @@ def _comparable(cfg_dict: Dict[str, Any]) -> Dict[str, Any]:
     """The parts of a config that must match to resume (stopping and logging settings may change)."""
     ignored = {"max_steps", "log_every", "save_every", "val"}
     out = {k: v for k, v in cfg_dict.items() if k not in ignored}
-    out["data"] = {k: v for k, v in cfg_dict.get("data", {}).items() if k != "num_workers"}
+    out["data"] = {k: v for k, v in cfg_dict.get("data", {}).items() if k not in ("num_workers", "skip_missing")}
     return out
 
 
@@ -331,9 +329,12 @@ def _comparable(cfg_dict: Dict[str, Any]) -> Dict[str, Any]:
 def total_steps_for(cfg: TrainConfig, world_size: int, batches_per_epoch: int = 0) -> int:
     """Optimiser steps of the full recipe (what the schedule spans): episodes, or epochs x batches."""
     if cfg.regime == "episodic":
-        if cfg.episodic.episodes < cfg.grad_accum * world_size:
+        needed = cfg.grad_accum * world_size
+        if cfg.episodic.episodes < needed:
             raise ConfigError(f"episodic.episodes ({cfg.episodic.episodes}) is fewer than one optimiser step "
-                              f"takes (grad_accum {cfg.grad_accum} x {world_size} processes)")
+                              f"takes (grad_accum {cfg.grad_accum} x {world_size} processes); set "
+                              f"episodic.episodes to {needed} or more (append episodic.episodes={needed} to the "
+                              f"fsar train command).")
         return max(1, cfg.episodic.episodes // (cfg.grad_accum * world_size))  # whole steps only
     return max(1, cfg.supervised.epochs * (batches_per_epoch // cfg.grad_accum))
 
@@ -361,8 +362,10 @@ def train(config: Union[str, Path, Dict[str, Any], TrainConfig], data: Union[str
         ``trainable_parameters``, ``elapsed_s``, ``config`` (the resolved config dict).
 
     Raises:
-        ConfigError: bad config / overrides. TrainingError: data that does not fit, or a run in
-        ``out`` with another config. ``training.data.DatasetError``: unreadable dataset layout.
+        ConfigError: bad config / overrides, or a config the dataset cannot serve
+        (``training.preflight.PreflightError``, checked before any pretraining or training).
+        TrainingError: a dataset that does not fit ``data.preset``, or a run in ``out`` with another
+        config. ``training.data.DatasetError``: unreadable dataset layout.
     """
     started = time.perf_counter()
     cfg = load_config(config, overrides)
@@ -383,6 +386,9 @@ def _train(cfg: TrainConfig, data: Path, out: Path, resume: bool, device: Option
            started: float) -> Dict[str, Any]:
     info = init_distributed(device)
     _check_data(cfg, data)
+    if cfg.regime == "episodic":
+        total_steps_for(cfg, info.world_size)  # an episode budget too small for one step stops here
+    splits = check_training_data(cfg, data, info.world_size)  # before the pretraining and the model
 
     model_config = _prepare_backbone(cfg, out, info, progress)
     torch.manual_seed(cfg.seed)  # same on every rank: identical (random) backbone and adapter init
@@ -392,7 +398,7 @@ def _train(cfg: TrainConfig, data: Path, out: Path, resume: bool, device: Option
 
     train_set = load_dataset(data, cfg.data.train_split, num_frames=model.num_frames, size=size, mode="train")
     val_set = None
-    if _has_split(data, cfg.data.val_split):
+    if "val" in splits:
         val_set = load_dataset(data, cfg.data.val_split, num_frames=model.num_frames, size=size, mode="test")
     elif info.is_main:
         logger.warning("no %r split in %s: no validation; best.pt will be the last model", cfg.data.val_split, data)
@@ -418,9 +424,6 @@ def _train(cfg: TrainConfig, data: Path, out: Path, resume: bool, device: Option
         sampler = SupervisedBatchSampler(train_set.labels, cfg.supervised.batch_size, seed=cfg.seed,
                                          rank=info.rank, world_size=info.world_size)
         batches_per_epoch = len(sampler)
-        if batches_per_epoch < cfg.grad_accum:
-            raise TrainingError(f"{len(train_set)} training videos make {batches_per_epoch} batches of "
-                                f"{cfg.supervised.batch_size} per process; grad_accum is {cfg.grad_accum}")
         global_batch = cfg.supervised.batch_size * cfg.grad_accum * info.world_size
     total_steps = total_steps_for(cfg, info.world_size, batches_per_epoch)
     stop_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
@@ -598,17 +601,13 @@ def _amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
 
 def _validate(model: FsarModel, val_set, cfg: TrainConfig, cache: Dict[str, Any]) -> tuple[float, float]:
     """Validation accuracy (percent) and its 95% interval on the validation split."""
-    mode = cfg.val.mode
-    if mode == "auto":
-        mode = "episodes" if cfg.regime == "episodic" else "zero_shot"
+    mode = validation_mode(cfg)
     encoded = encode_split(model, val_set, batch_size=16, num_workers=cfg.data.num_workers, amp=cfg.amp,
                            progress=False, desc="encode val")
     if mode == "zero_shot":
         accuracy = zero_shot_accuracy(model, encoded)
         n = len(val_set)
         return accuracy, 1.96 * math.sqrt(max(accuracy * (100 - accuracy), 0.0) / n)
-    if len(val_set.classes) < cfg.val.way:
-        raise TrainingError(f"validation split has {len(val_set.classes)} classes; val.way is {cfg.val.way}")
     accuracies = episode_accuracies(model, encoded, way=cfg.val.way, shot=cfg.val.shot, query=cfg.val.query,
                                     episodes=cfg.val.episodes, seed=cfg.val.seed, progress=False)
     return mean_ci95(accuracies)

@@ -8,27 +8,13 @@ import pytest
 import torch
 
 from training.checkpoint import save_checkpoint
-from training.data import EpisodeSampler, load_dataset, write_synthetic_dataset
+from training.data import EpisodeSampler, load_dataset
 from training.evaluate import encode_split, episode_accuracies, evaluate, mean_ci95
 from training.model import ModelConfig, build_model
 
 TINY = dict(backbone="fsar-tiny", pretrained=None, adapter="ted+ma", metric="otam", tpcm_ffn=64)
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Small tensors: one intra-op thread is as fast and does not stall when other jobs share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def synth_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth")
-    write_synthetic_dataset(root, classes=16, videos_per_class=4, frames=8, size=64, seed=3, progress=False)
-    return root
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _perturbed_model(metric: str = "otam", seed: int = 0):

@@ -8,7 +8,7 @@ import torch
 
 from training.checkpoint import load_checkpoint, read_checkpoint_meta
 from training.config import ConfigError, PretrainConfig
-from training.data import EpisodeCollate, EpisodeSampler, DatasetError, load_dataset, write_synthetic_dataset
+from training.data import EpisodeCollate, EpisodeSampler, DatasetError, load_dataset
 from training.model import ModelConfig, build_model
 from training.pretrain import pretrain_backbone, render_captioned_image
 from training.train import EpisodicObjective, TrainingError, train
@@ -19,21 +19,7 @@ FAST = ["model.pretrained=null", "pretrain.steps=0", "model.tpcm_ffn=64", "data.
         "episodic.query=1", "episodic.episodes=40", "val.every=2", "val.episodes=10", "val.query=1",
         "log_every=1", "save_every=2"]
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Small tensors: one intra-op thread is as fast and does not stall when other jobs share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def synth_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth")
-    write_synthetic_dataset(root, classes=16, videos_per_class=4, frames=8, size=64, seed=5, progress=False)
-    return root
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _rows(path):

@@ -12,16 +12,16 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # static imports for type checkers and editors
-    from .datasets import (CorruptSampleWarning, DatasetError, VideoDataset, load_dataset, load_frames_folder,
-                           sample_frame_indices)
+    from .datasets import (CorruptSampleWarning, DatasetError, SplitListing, VideoDataset, list_split, load_dataset,
+                           load_frames_folder, sample_frame_indices)
     from .presets import DATASET_PRESETS, DatasetPreset, check_dataset, get_preset, write_ssv2_labels
     from .sampler import (EpisodeCollate, EpisodeSampler, SupervisedBatchSampler, collate_supervised,
                           episode_loader, supervised_loader)
     from .synth import MOTION_CLASSES, SyntheticDatasetError, render_clip, write_mp4, write_synthetic_dataset
 
 _EXPORTS = {
-    "datasets": ("CorruptSampleWarning", "DatasetError", "VideoDataset", "load_dataset", "load_frames_folder",
-                 "sample_frame_indices"),
+    "datasets": ("CorruptSampleWarning", "DatasetError", "SplitListing", "VideoDataset", "list_split", "load_dataset",
+                 "load_frames_folder", "sample_frame_indices"),
     "presets": ("DATASET_PRESETS", "DatasetPreset", "check_dataset", "get_preset", "write_ssv2_labels"),
     "sampler": ("EpisodeCollate", "EpisodeSampler", "SupervisedBatchSampler", "collate_supervised",
                 "episode_loader", "supervised_loader"),

@@ -51,6 +51,8 @@ __all__ = [
     "CorruptSampleWarning",
     "VideoDataset",
     "load_dataset",
+    "list_split",
+    "SplitListing",
     "read_labels_json",
     "read_split_file",
     "default_label_text",
@@ -289,27 +291,58 @@ def _index_videos(class_dir: Path) -> dict[str, str]:
     return index
 
 
-def _warn_missing(where: str, missing: list[str], total: int) -> None:
-    if missing:
-        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
-        warnings.warn(f"{where}: {len(missing)} of {total} listed videos not found on disk, skipped ({shown})",
-                      stacklevel=3)
+def _warn_missing(listing: "SplitListing") -> None:
+    if listing.missing:
+        shown = ", ".join(listing.missing[:5]) + (" ..." if len(listing.missing) > 5 else "")
+        warnings.warn(f"{listing.where}: {len(listing.missing)} of {listing.listed} listed videos not found on disk, "
+                      f"skipped ({shown})", stacklevel=3)
 
 
-def _build(entries: list[tuple[str, str, bool]], labels_json: Path, num_frames: int, size: int, mode: Mode,
-           where: str) -> VideoDataset:
-    """entries: (class_name, path, is_frames) -> VideoDataset with classes sorted by name."""
-    if not entries:
-        raise DatasetError(f"{where}: no videos found")
-    classes = sorted({c for c, _, _ in entries})
+@dataclass(frozen=True)
+class SplitListing:
+    """What one split lists, resolved against the disk, without decoding anything.
+
+    ``where``: the split file or CSV; ``entries``: (class_name, path, is_frames) of each video found;
+    ``missing``: the listed videos not on disk (``class_name/video_id`` or the CSV path); ``listed``:
+    how many the split lists; ``labels_json``: where label texts are read from (it may not exist).
+    """
+
+    where: str
+    entries: tuple[tuple[str, str, bool], ...]
+    missing: tuple[str, ...]
+    listed: int
+    labels_json: Path
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names of the videos found, sorted (the order ``VideoDataset.classes`` uses)."""
+        return sorted({c for c, _, _ in self.entries})
+
+    def class_sizes(self) -> dict[str, int]:
+        """Videos found per class."""
+        sizes: dict[str, int] = {}
+        for class_name, _, _ in self.entries:
+            sizes[class_name] = sizes.get(class_name, 0) + 1
+        return sizes
+
+    def label_texts(self) -> list[str]:
+        """Label texts aligned with :attr:`classes` (``labels.json``, else the class name)."""
+        return _label_texts(self.classes, self.labels_json)
+
+
+def _build(listing: SplitListing, num_frames: int, size: int, mode: Mode) -> VideoDataset:
+    """A listing -> VideoDataset with classes sorted by name."""
+    if not listing.entries:
+        raise DatasetError(f"{listing.where}: no videos found")
+    classes = listing.classes
     class_index = {c: i for i, c in enumerate(classes)}
+    entries = listing.entries
     return VideoDataset(paths=[p for _, p, _ in entries], labels=[class_index[c] for c, _, _ in entries],
-                        is_frames=[f for _, _, f in entries], classes=classes,
-                        label_texts=_label_texts(classes, labels_json), num_frames=num_frames, size=size,
-                        mode=mode)
+                        is_frames=[f for _, _, f in entries], classes=classes, label_texts=listing.label_texts(),
+                        num_frames=num_frames, size=size, mode=mode)
 
 
-def _load_tree(root: Path, split: str, num_frames: int, size: int, mode: Mode) -> VideoDataset:
+def _list_tree(root: Path, split: str) -> SplitListing:
     videos_dir, frames_dir = root / "videos", root / "frames"
     if not videos_dir.is_dir() and not frames_dir.is_dir():
         raise DatasetError(f"{root}: neither {videos_dir} nor {frames_dir} exists; expected "
@@ -336,8 +369,7 @@ def _load_tree(root: Path, split: str, num_frames: int, size: int, mode: Mode) -
                 entries.append((class_name, str(folder), True))
                 continue
         missing.append(f"{class_name}/{video_id}")
-    _warn_missing(str(split_file), missing, len(listed))
-    return _build(entries, root / "labels.json", num_frames, size, mode, str(split_file))
+    return SplitListing(str(split_file), tuple(entries), tuple(missing), len(listed), root / "labels.json")
 
 
 def _read_csv_rows(csv_path: Path) -> tuple[list[tuple[str, str, str | None]], bool]:
@@ -365,7 +397,7 @@ def _read_csv_rows(csv_path: Path) -> tuple[list[tuple[str, str, str | None]], b
     return out, has_split
 
 
-def _load_csv(csv_path: Path, split: str | None, num_frames: int, size: int, mode: Mode) -> VideoDataset:
+def _list_csv(csv_path: Path, split: str | None) -> SplitListing:
     rows, has_split = _read_csv_rows(csv_path)
     if split is not None and not has_split:
         raise DatasetError(f"{csv_path} has no split column; add a third column (train/val/test) "
@@ -385,8 +417,25 @@ def _load_csv(csv_path: Path, split: str | None, num_frames: int, size: int, mod
             entries.append((label, str(full), False))
         else:
             missing.append(path)
-    _warn_missing(str(csv_path), missing, len(selected))
-    return _build(entries, base / "labels.json", num_frames, size, mode, str(csv_path))
+    return SplitListing(str(csv_path), tuple(entries), tuple(missing), len(selected), base / "labels.json")
+
+
+def list_split(root_or_csv: str | Path, split: str | None = "train") -> SplitListing:
+    """List one split of a dataset in any of the three layouts (see the module doc) against the disk.
+
+    Nothing is decoded; raises DatasetError for a layout that cannot be read (no such folder, no
+    split file, no rows of that split). ``load_dataset`` builds its dataset from this listing.
+    """
+    path = Path(root_or_csv)
+    if path.is_file():
+        if path.suffix.lower() != ".csv":
+            raise DatasetError(f"{path}: expected a dataset folder or a .csv file")
+        return _list_csv(path, split)
+    if not path.is_dir():
+        raise DatasetError(f"{path} does not exist")
+    if split is None:
+        raise DatasetError(f"{path}: a dataset folder needs a split name ({', '.join(SPLITS)})")
+    return _list_tree(path, split)
 
 
 def load_dataset(root_or_csv: str | Path, split: str | None = "train", num_frames: int = 8, size: int = 224,
@@ -404,15 +453,8 @@ def load_dataset(root_or_csv: str | Path, split: str | None = "train", num_frame
     Entries of the split that are not on disk are skipped with one warning (common with Kinetics,
     whose videos disappear from YouTube); ``check_dataset`` lists them.
     """
-    path = Path(root_or_csv)
     if mode not in ("train", "test"):
         raise ValueError(f"mode must be 'train' or 'test', got {mode!r}")
-    if path.is_file():
-        if path.suffix.lower() != ".csv":
-            raise DatasetError(f"{path}: expected a dataset folder or a .csv file")
-        return _load_csv(path, split, num_frames, size, mode)
-    if not path.is_dir():
-        raise DatasetError(f"{path} does not exist")
-    if split is None:
-        raise DatasetError(f"{path}: a dataset folder needs a split name ({', '.join(SPLITS)})")
-    return _load_tree(path, split, num_frames, size, mode)
+    listing = list_split(root_or_csv, split)
+    _warn_missing(listing)
+    return _build(listing, num_frames, size, mode)
