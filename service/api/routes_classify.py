@@ -25,7 +25,8 @@ async def classify(
                                                          "with support_set_id: hybrid.")] = None,
     top_k: Annotated[int | None, Form(ge=1, description="Return only the k best labels.")] = None,
 ) -> dict:
-    """Scores are probabilities that sum to 1 over all candidate labels (see `service.core.classify.Classifier.classify`)."""
+    """Scores are probabilities that sum to 1 over all candidate labels
+    (see `service.core.classify.Classifier.classify`)."""
     # The video lives in a file in upload_dir while the request runs (never whole in memory).
     async with stored_uploads([video], service.settings.upload_dir) as (upload,):
         result = await service.classify(upload, support_set_id=support_set_id, labels=labels, top_k=top_k,

@@ -6,7 +6,6 @@ look-up counts a hit or a miss (`fsar_cache_requests_total{cache}`).
 """
 from __future__ import annotations
 
-import logging
 import numpy as np
 
 from service.core import keys
@@ -20,8 +19,6 @@ from service.core.uploads import Upload
 from service.errors import Conflict
 from service.store.base import Batch
 from service.telemetry import Metrics
-
-log = logging.getLogger(__name__)
 
 #: Videos per backend `encode_videos` call.
 ENCODE_BATCH = 8
