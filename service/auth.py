@@ -23,17 +23,16 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import logging
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.errors import ApiError, error_body
+from service.core.keys import TENANT_NAME
+from service.errors import ApiError, render
 
 if TYPE_CHECKING:
     from service.telemetry import Metrics
@@ -47,7 +46,6 @@ MIN_KEY_CHARS = 16
 #: Paths anyone may call: probes, Prometheus, and the API description.
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect",
                         "/redoc"})
-_TENANT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _HEADER_NAME = API_KEY_HEADER.lower().encode()
 
 
@@ -56,11 +54,21 @@ class KeyConfigError(ValueError):
 
 
 class Unauthorized(ApiError):
+    """No or an unknown API key (401, with the `WWW-Authenticate` header naming the key's header)."""
+
     status, code = 401, "invalid_api_key"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message, code=code, headers={"www-authenticate": f'ApiKey header="{API_KEY_HEADER}"'})
 
 
 class RateLimited(ApiError):
+    """The caller's rate-limit bucket is empty (429, with `Retry-After` in whole seconds)."""
+
     status, code = 429, "rate_limited"
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message, headers={"retry-after": str(retry_after_s)})
 
 
 @dataclass(frozen=True)
@@ -124,7 +132,7 @@ def parse_keys(text: str, source: str) -> list[tuple[str, str]]:
             where = f"entry {position} of {source}"
             if not colon:
                 raise KeyConfigError(f"{where} is not 'tenant:key'.")
-            if not _TENANT_NAME.fullmatch(tenant):
+            if not TENANT_NAME.fullmatch(tenant):
                 raise KeyConfigError(f"{where}: the tenant name must be 1-64 letters, digits, '_', '.' or '-'.")
             if len(key) < MIN_KEY_CHARS or any(char.isspace() for char in key):
                 raise KeyConfigError(f"{where} (tenant {tenant}): keys need at least {MIN_KEY_CHARS} characters "
@@ -205,7 +213,7 @@ class AccessMiddleware:
                 client = (scope.get("client") or ("unknown",))[0]
                 log.info("%s %s from %s -> 401 %s", scope.get("method"), scope.get("path"), client, error.code)
                 self._count("unauthenticated")
-                await _send_error(send, error, {"www-authenticate": f'ApiKey header="{API_KEY_HEADER}"'})
+                await render(error)(scope, receive, send)
                 return
         limiter = getattr(getattr(scope.get("app"), "state", None), "rate_limiter", None)
         if limiter is not None:
@@ -215,9 +223,10 @@ class AccessMiddleware:
                 retry_after = max(1, math.ceil(wait_s))
                 self._count("rate_limited")
                 who = f"tenant {tenant}" if tenant is not None else "this client address"
-                await _send_error(send, RateLimited(
-                    f"Rate limit of {limiter.per_minute:g} requests per minute (burst {limiter.burst}) reached for "
-                    f"{who}; retry in {retry_after} s."), {"retry-after": str(retry_after)})
+                error = RateLimited(f"Rate limit of {limiter.per_minute:g} requests per minute (burst "
+                                    f"{limiter.burst}) reached for {who}; retry in {retry_after} s.",
+                                    retry_after_s=retry_after)
+                await render(error)(scope, receive, send)
                 return
         scope[TENANT_SCOPE_KEY] = tenant
         await self.app(scope, receive, send)
@@ -226,10 +235,3 @@ class AccessMiddleware:
         if self.metrics is not None:
             self.metrics.rejected.labels(reason=reason).inc()
 
-
-async def _send_error(send: Send, error: ApiError, headers: dict[str, str]) -> None:
-    body = json.dumps(error_body(error.code, error.message)).encode()
-    raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    raw_headers += [(name.encode(), value.encode()) for name, value in headers.items()]
-    await send({"type": "http.response.start", "status": error.status, "headers": raw_headers})
-    await send({"type": "http.response.body", "body": body})

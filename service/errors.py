@@ -1,7 +1,9 @@
-"""Errors the gateway reports to clients, independent of HTTP plumbing.
+"""Errors the gateway reports to clients, and the one function that renders them (`render`).
 
-Each `ApiError` carries an HTTP status, a stable machine-readable `code` and a human message; the
-API renders every one of them as `{"error": {"code": ..., "message": ...}}`.
+Each `ApiError` carries an HTTP status, a stable machine-readable `code`, a human message and any
+headers its response needs (`Retry-After`, `WWW-Authenticate`, ...). `render` is the one place an
+error becomes a response, `{"error": {"code": ..., "message": ...}}`: the FastAPI exception handlers
+and the pure-ASGI middlewares (authentication, rate limit, body size) all answer through it.
 
 | status | code(s) | when |
 | --- | --- | --- |
@@ -18,7 +20,9 @@ API renders every one of them as `{"error": {"code": ..., "message": ...}}`.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Mapping
+
+from starlette.responses import JSONResponse
 
 if TYPE_CHECKING:
     from training.video.errors import VideoDecodeError
@@ -30,20 +34,15 @@ class ApiError(Exception):
     status: int = 400
     code: str = "bad_request"
 
-    def __init__(self, message: str, *, code: str | None = None, status: int | None = None) -> None:
+    def __init__(self, message: str, *, code: str | None = None, status: int | None = None,
+                 headers: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
             self.code = code
         if status is not None:
             self.status = status
-
-    def to_dict(self) -> dict:
-        return {"error": {"code": self.code, "message": self.message}}
-
-
-class BadRequest(ApiError):
-    status, code = 400, "bad_request"
+        self.headers: dict[str, str] | None = dict(headers) if headers else None
 
 
 class InvalidField(ApiError):
@@ -114,6 +113,12 @@ def from_decode_error(err: "VideoDecodeError", filename: str | None = None) -> A
     return error_type(message, code=err.code)
 
 
-def error_body(code: str, message: str) -> dict:
-    """The JSON body of every error response."""
-    return {"error": {"code": code, "message": message}}
+def render(error: ApiError, extra: Mapping[str, Any] | None = None) -> JSONResponse:
+    """The response of an error: its status, its headers and the body
+    `{"error": {"code": ..., "message": ...}}` (plus `extra` top-level fields, e.g. `/readyz`'s checks).
+
+    A pure-ASGI middleware sends it with `await render(error)(scope, receive, send)`."""
+    body: dict[str, Any] = {"error": {"code": error.code, "message": error.message}}
+    if extra:
+        body.update(extra)
+    return JSONResponse(body, status_code=error.status, headers=error.headers)

@@ -11,23 +11,23 @@ with the 413 JSON error (`{"error": {"code": "too_large", ...}}`) as long as not
 """
 from __future__ import annotations
 
-import json
-
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import PayloadTooLarge
+from service.errors import PayloadTooLarge, render
 
 
 class UploadTooLarge(PayloadTooLarge, HTTPException):
-    """The request body is over the limit (413). Also a Starlette HTTPException so that frameworks
-    that re-raise HTTP exceptions from body parsing (FastAPI does) let it through unchanged."""
+    """The request body is over the limit (413, `Connection: close`: the rest of the body is not read).
+    Also a Starlette HTTPException so that frameworks that re-raise HTTP exceptions from body parsing
+    (FastAPI does) let it through unchanged."""
 
     def __init__(self, limit_bytes: int) -> None:
         message = (f"Request body is larger than the limit of {_human(limit_bytes)} "
                    f"(setting max_upload_mb / FSAR_MAX_UPLOAD_MB).")
-        PayloadTooLarge.__init__(self, message, code="too_large")
-        HTTPException.__init__(self, status_code=413, detail=message)
+        headers = {"connection": "close"}
+        HTTPException.__init__(self, status_code=413, detail=message, headers=headers)
+        PayloadTooLarge.__init__(self, message, code="too_large", headers=headers)
         self.limit_bytes = limit_bytes
 
 
@@ -52,7 +52,7 @@ class BodySizeLimitMiddleware:
 
         declared = _content_length(scope)
         if declared is not None and declared > self.max_body_bytes:
-            await _send_413(send, UploadTooLarge(self.max_body_bytes))
+            await render(UploadTooLarge(self.max_body_bytes))(scope, receive, send)
             return
 
         received = 0
@@ -77,7 +77,7 @@ class BodySizeLimitMiddleware:
             if exceeded and not response_started:
                 # Whatever the app answers after an over-limit body, the client gets our 413.
                 response_started = True
-                await _send_413(send, UploadTooLarge(self.max_body_bytes))
+                await render(UploadTooLarge(self.max_body_bytes))(scope, receive, send)
                 return
             if exceeded:
                 return
@@ -90,12 +90,12 @@ class BodySizeLimitMiddleware:
         except UploadTooLarge as err:
             if not response_started:
                 response_started = True
-                await _send_413(send, err)
+                await render(err)(scope, receive, send)
         except Exception:
             if exceeded and not response_started:
                 # A parser wrapped our error in its own exception: still a 413, not a 500.
                 response_started = True
-                await _send_413(send, UploadTooLarge(self.max_body_bytes))
+                await render(UploadTooLarge(self.max_body_bytes))(scope, receive, send)
                 return
             raise
 
@@ -109,13 +109,3 @@ def _content_length(scope: Scope) -> int | None:
                 return None
     return None
 
-
-async def _send_413(send: Send, err: UploadTooLarge) -> None:
-    body = json.dumps(err.to_dict()).encode()
-    await send({
-        "type": "http.response.start",
-        "status": 413,
-        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close")],
-    })
-    await send({"type": "http.response.body", "body": body})

@@ -169,10 +169,6 @@ class Settings(BaseSettings):
         return int(self.max_upload_mb * 1024 * 1024)
 
     @property
-    def uses_redis(self) -> bool:
-        return self.redis_url is not None
-
-    @property
     def log_level_number(self) -> int:
         return getattr(logging, self.log_level.upper())
 

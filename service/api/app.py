@@ -23,7 +23,7 @@ from service.api import routes_classify, routes_ops, routes_support_sets
 from service.auth import AccessMiddleware, describe_access, load_key_ring
 from service.backends import create_backend
 from service.core import FsarService
-from service.errors import ApiError, error_body
+from service.errors import ApiError, render
 from service.limits import BodySizeLimitMiddleware
 from service.telemetry import Metrics, RequestMetricsMiddleware
 from service.ratelimit import create_rate_limiter
@@ -104,7 +104,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
         if exc.status >= 500:
             log.warning("%s %s -> %d %s: %s", request.method, request.url.path, exc.status, exc.code, exc.message)
-        return JSONResponse(exc.to_dict(), status_code=exc.status)
+        return render(exc)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -115,7 +115,7 @@ def install_error_handlers(app: FastAPI) -> None:
             kinds.add(error.get("type"))
             problems.append(f"{location or 'request'}: {error.get('msg', 'invalid')}")
         code = "missing_field" if kinds == {"missing"} else "validation_error"
-        return JSONResponse(error_body(code, "; ".join(problems) or "Invalid request."), status_code=422)
+        return render(ApiError("; ".join(problems) or "Invalid request.", code=code, status=422))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -123,11 +123,9 @@ def install_error_handlers(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 404 and message == "Not Found":
             message = f"No such endpoint: {request.method} {request.url.path}"
-        return JSONResponse(error_body(code, message), status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        return render(ApiError(message, code=code, status=exc.status_code, headers=getattr(exc, "headers", None)))
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error in %s %s", request.method, request.url.path)
-        return JSONResponse(error_body("internal_error", "Internal server error; it has been logged."),
-                            status_code=500)
+        return render(ApiError("Internal server error; it has been logged.", code="internal_error", status=500))

@@ -1,6 +1,7 @@
 """`POST /classify`: few-shot, zero-shot or hybrid classification of one video."""
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, UploadFile
@@ -24,8 +25,10 @@ async def classify(
                                                          "with support_set_id: hybrid.")] = None,
     top_k: Annotated[int | None, Form(ge=1, description="Return only the k best labels.")] = None,
 ) -> dict:
-    """Scores are probabilities that sum to 1 over all candidate labels (see `FsarService.classify`)."""
+    """Scores are probabilities that sum to 1 over all candidate labels
+    (see `service.core.classify.Classifier.classify`)."""
     # The video lives in a file in upload_dir while the request runs (never whole in memory).
     async with stored_uploads([video], service.settings.upload_dir) as (upload,):
-        return await service.classify(upload, support_set_id=support_set_id, labels=labels, top_k=top_k,
-                                      tenant=tenant)
+        result = await service.classify(upload, support_set_id=support_set_id, labels=labels, top_k=top_k,
+                                        tenant=tenant)
+    return asdict(result)

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from service.api.deps import get_service, get_tenant
 from service.api.schemas import ErrorResponse, Health, ModelCard, Readiness
 from service.core import FsarService
-from service.errors import error_body
+from service.errors import ServiceUnavailable, render
 
 router = APIRouter(tags=["operations"])
 
@@ -30,9 +30,8 @@ async def readyz(request: Request) -> Response:
     if all(value == "ok" for value in checks.values()):
         return JSONResponse({"status": "ready", "checks": checks})
     failing = "; ".join(f"{name}: {value}" for name, value in checks.items() if value != "ok")
-    body = error_body("not_ready", f"Not ready: {failing}")
-    body.update({"status": "not_ready", "checks": checks})
-    return JSONResponse(body, status_code=503)
+    return render(ServiceUnavailable(f"Not ready: {failing}", code="not_ready"),
+                  extra={"status": "not_ready", "checks": checks})
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)

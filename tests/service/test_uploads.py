@@ -158,7 +158,7 @@ def test_copy_hashes_and_sizes_what_it_streams(tmp_path, large) -> None:
 
 
 def test_upload_from_bytes_and_from_a_file_agree(tmp_path, small) -> None:
-    in_memory = Upload.from_bytes("a.mp4", small)
+    in_memory = Upload("a.mp4", small)
     assert Upload(filename="a.mp4", data=small).sha256 == in_memory.sha256 == hashlib.sha256(small).hexdigest()
     assert in_memory.size == len(small) and in_memory.source is small and in_memory.path is None
     with pytest.raises(ValueError):

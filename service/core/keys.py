@@ -1,0 +1,121 @@
+"""The store layout: the only place a store key is built.
+
+Keys are relative (the store adds its prefix); `fp` = model fingerprint, `h` = sha256 of the uploaded
+bytes, `lk` = sha256 of the label (`label_key`), `s` = sampling (`sampling_key`, e.g. `t8x224` = 8
+frames at 224 px); `{ns}` = the tenant's namespace, `tenant:{name}:`, or nothing when the gateway runs
+without API keys:
+
+    {ns}set:{id}:manifest              JSON: name, metric (None: the model's), classes, videos [{sha256, label,
+                                       filename}], sampling, revision, tenant, created/updated/expires times
+                                       (written last)
+    {ns}set:{id}:clip:{h}              uint8 [T, S, S, 3] decoded frames of each support video
+    {ns}set:{id}:feat:{fp}:{h}:{lk}    float32 [T, D] support features (support branch, label text)
+    {ns}set:{id}:proto:{fp}:{rev}      float32 [N, T, D] prototypes of manifest revision `rev`
+    {ns}cache:query:{fp}:{s}:{h}       float32 [T, D] query features             (query_cache_ttl_s)
+    {ns}cache:support:{fp}:{s}:{h}:{lk} float32 [T, D] support features, shared by the tenant's sets
+    cache:text:{fp}:{lk}               float32 [D] label text features, shared (query_cache_ttl_s)
+
+Tenants: every support set and every cache that depends on uploaded bytes lives under its tenant's
+namespace, so another tenant can neither read, classify against, list nor delete a set (404, as for a
+set that does not exist), nor learn from a cache hit that someone uploaded the same file. Only label
+text features are shared: they depend on the label text and the model alone.
+
+Model changes: every feature and prototype key carries the model fingerprint, so a new model never
+serves stale results. The decoded clips are kept with the set, so after a model change the
+prototypes are rebuilt from them instead of asking the user to upload again.
+
+These formats are what existing Redis data is stored under: `tests/service/test_keys.py` pins them.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Mapping
+
+#: A tenant name (API key configuration) and thus a namespace: 1-64 of `A-Z a-z 0-9 _ . -`.
+TENANT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+#: A support-set id that can name a key of ours (ids are made as uuid4 hex).
+SET_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def namespace(tenant: str | None) -> str:
+    """The key prefix of a tenant's data: `tenant:{name}:`, or "" for the open (no API keys) namespace.
+    Raises ValueError for a name `TENANT_NAME` does not match."""
+    if tenant is None:
+        return ""
+    if not TENANT_NAME.fullmatch(tenant):
+        raise ValueError(f"invalid tenant name {tenant!r}")
+    return f"tenant:{tenant}:"
+
+
+def valid_set_id(set_id: str | None) -> bool:
+    """Whether `set_id` can name a support set at all (anything else is a 404 without a look-up)."""
+    return bool(SET_ID.fullmatch(set_id or ""))
+
+
+def label_key(label: str) -> str:
+    """The key part of a label: the first 16 hex digits of its sha256."""
+    return hashlib.sha256(label.encode()).hexdigest()[:16]
+
+
+def sampling_key(sampling: Mapping[str, int]) -> str:
+    """The key part of a sampling `{"num_frames": T, "size": S}`: `t{T}x{S}`."""
+    return f"t{sampling['num_frames']}x{sampling['size']}"
+
+
+# ---------------------------------------------------------------------------- one support set
+def set_key(tenant: str | None, set_id: str, part: str) -> str:
+    """`{ns}set:{id}:{part}`: a key (or, with `*` in `part`, a pattern) of one set."""
+    return f"{namespace(tenant)}set:{set_id}:{part}"
+
+
+def manifest_key(tenant: str | None, set_id: str) -> str:
+    return set_key(tenant, set_id, "manifest")
+
+
+def manifest_pattern(tenant: str | None) -> str:
+    """The pattern matching the manifest of every set of a tenant."""
+    return f"{namespace(tenant)}set:*:manifest"
+
+
+def set_pattern(tenant: str | None, set_id: str) -> str:
+    """The pattern matching every key of one set."""
+    return set_key(tenant, set_id, "*")
+
+
+def clip_key(tenant: str | None, set_id: str, sha256: str) -> str:
+    return set_key(tenant, set_id, f"clip:{sha256}")
+
+
+def feature_key(tenant: str | None, set_id: str, fingerprint: str, sha256: str, label: str) -> str:
+    """The set's own support features of one (video, label) for one model."""
+    return set_key(tenant, set_id, f"feat:{fingerprint}:{sha256}:{label_key(label)}")
+
+
+def prototype_key(tenant: str | None, set_id: str, fingerprint: str, revision: int) -> str:
+    return set_key(tenant, set_id, f"proto:{fingerprint}:{revision}")
+
+
+def prototype_pattern(tenant: str | None, set_id: str) -> str:
+    """The pattern matching the set's prototypes of every model and revision."""
+    return set_key(tenant, set_id, "proto:*")
+
+
+def is_prototype_of_revision(key: str, revision: int) -> bool:
+    """Whether a key `prototype_pattern` matched holds prototypes of manifest revision `revision`."""
+    return key.endswith(f":{revision}")
+
+
+# ---------------------------------------------------------------------------- caches
+def query_cache_key(tenant: str | None, fingerprint: str, sampling: Mapping[str, int], sha256: str) -> str:
+    return f"{namespace(tenant)}cache:query:{fingerprint}:{sampling_key(sampling)}:{sha256}"
+
+
+def support_cache_key(tenant: str | None, fingerprint: str, sampling: Mapping[str, int], sha256: str,
+                      label: str) -> str:
+    return f"{namespace(tenant)}cache:support:{fingerprint}:{sampling_key(sampling)}:{sha256}:{label_key(label)}"
+
+
+def text_cache_key(fingerprint: str, label: str) -> str:
+    """Label text features: shared by every tenant (they depend on the text and the model only)."""
+    return f"cache:text:{fingerprint}:{label_key(label)}"
