@@ -13,7 +13,6 @@ Methods stay differentiable (training calls them); serving wraps calls in ``torc
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -29,6 +28,7 @@ from training.model.adapters import TemporalAdapter
 from training.model.backbone import Backbone, load_backbone
 from training.model.config import ModelConfig
 from training.model.injection import ADAPTER_SLOTS, AdaptedBlock, inject_adapters, video_context
+from training.model.hashing import state_hash
 from training.model.tpcm import TPCM
 
 logger = logging.getLogger(__name__)
@@ -356,17 +356,8 @@ class FsarModel(nn.Module):
 
     def fingerprint(self) -> str:
         """sha256 over the config, the backbone weight hash and the trainable weights (hex)."""
-        digest = hashlib.sha256()
-        digest.update(json.dumps(self.config.to_dict(), sort_keys=True).encode())
-        digest.update(self.backbone_hash.encode())
-        trainable = self.trainable_state_dict()
-        for key in sorted(trainable):
-            tensor = trainable[key].detach()
-            digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-            flat = tensor.to("cpu").contiguous().reshape(-1)
-            if flat.numel():
-                digest.update(flat.view(torch.uint8).numpy())
-        return digest.hexdigest()
+        header = json.dumps(self.config.to_dict(), sort_keys=True).encode() + self.backbone_hash.encode()
+        return state_hash(self.trainable_state_dict(), header=header)
 
     def describe(self) -> Dict[str, Any]:
         """What the service reports at ``GET /model``: backbone, weights, adapters, head, parameter counts."""
