@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from training.model.temporal_metrics import build_metric
 from training.model.adapters import TemporalAdapter
 from training.model.backbone import Backbone, load_backbone
+from training.model.card import ModelCard
 from training.model.config import ModelConfig
 from training.model.injection import ADAPTER_SLOTS, AdaptedBlock, inject_adapters, video_context
 from training.model.hashing import state_hash
@@ -359,24 +360,36 @@ class FsarModel(nn.Module):
         header = json.dumps(self.config.to_dict(), sort_keys=True).encode() + self.backbone_hash.encode()
         return state_hash(self.trainable_state_dict(), header=header)
 
-    def describe(self) -> Dict[str, Any]:
-        """What the service reports at ``GET /model``: backbone, weights, adapters, head, parameter counts."""
+    def card(self, checkpoint_hash: Optional[str] = None) -> ModelCard:
+        """The model card: backbone, weights, adapters, head, sizes, parameter counts, fingerprint.
+
+        Args:
+            checkpoint_hash: hash of the checkpoint the model was loaded from (None: built from a config).
+        """
         counts = self.count_parameters()
-        return {
-            "backbone": self.backbone_name,
-            "pretrained": self.config.pretrained,
-            "weights_source": self.weights_source,
-            "backbone_hash": self.backbone_hash,
-            "adapter": self.config.adapter,
-            "metric": self.config.metric,
-            "tpcm": self.config.tpcm,
-            "num_frames": self.num_frames,
-            "image_size": list(self.image_size),
-            "embed_dim": self.embed_dim,
-            "trainable_parameters": counts["trainable"],
-            "total_parameters": counts["total"],
-            "fingerprint": self.fingerprint(),
-        }
+        return ModelCard(
+            backbone=self.backbone_name,
+            pretrained=self.config.pretrained,
+            weights_source=self.weights_source,
+            backbone_hash=self.backbone_hash,
+            adapter=self.config.adapter,
+            tpcm=self.config.tpcm,
+            metric=self.config.metric,
+            checkpoint_hash=checkpoint_hash,
+            trainable_params=int(counts["trainable"]),
+            total_params=int(counts["total"]),
+            fingerprint=self.fingerprint(),
+            input_size=int(self.image_size[0]),
+            num_frames=int(self.num_frames),
+            embed_dim=int(self.embed_dim),
+            prompt=self.config.prompt,
+            alpha=self.config.alpha,
+            config=self.config.to_dict(),
+        )
+
+    def describe(self) -> Dict[str, Any]:
+        """:meth:`card` as a dict (what ``GET /model`` reports about the model)."""
+        return self.card().to_dict()
 
     # ------------------------------------------------------------------ helpers
     def _is_adapter_key(self, key: str) -> bool:
