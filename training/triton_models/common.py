@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -19,7 +19,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 #: Environment variable of the Triton server: a tag or local file with the checkpoint's backbone weights.
 PRETRAINED_ENV = "FSAR_PRETRAINED"
 #: Few-shot head ops -> the inputs each needs (see ``training/export.py`` for shapes).
-FEWSHOT_OPS: Dict[str, tuple] = {
+FEWSHOT_OPS: Dict[str, Tuple[str, ...]] = {
     "prototypes": ("SUPPORT_FEATS", "SUPPORT_LABELS", "TEXT_FEATS"),
     "classify": ("QUERY_FEATS", "PROTOTYPES"),
     "zero_shot": ("QUERY_FEATS", "TEXT_FEATS"),
