@@ -50,7 +50,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 from training.checkpoint import read_checkpoint_meta
 from training.model.card import ModelCard
 from training.model.config import ModelConfig
-from training.triton_models.common import CHECKPOINT_FILE
+from training.model.runner import ModelRunner
+from training.triton_models.common import CHECKPOINT_FILE, decode_strings, load_runner, run_merged  # noqa: F401
+from training.triton_models.common import fewshot_op as _fewshot_op
 
 MODEL_NAMES = ("text_encoder", "video_encoder", "fewshot_head")
 METADATA_FILE = "fsar_export.json"
@@ -326,3 +328,26 @@ def _atomic_copy(source: Path, target: Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+# ---------------------------------------------------------------------- model.py files of earlier exports
+# Repositories exported before the shells moved to training/triton_models import these names from
+# here; they keep loading until re-exported. New code uses ModelRunner and training.triton_models.
+def load_exported_model(args: Mapping[str, str]) -> Any:
+    """The :class:`FsarModel` of one exported model instance (see :func:`load_runner`)."""
+    return load_runner(args).model
+
+
+def encode_texts(model: Any, labels: Any) -> Any:
+    """BYTES labels ``[N, 1]`` -> FP32 ``[N, D]``."""
+    return ModelRunner(model).encode_texts(decode_strings(labels))
+
+
+def encode_videos(model: Any, frames: Any, text_feats: Any = None) -> Any:
+    """uint8 ``[B, T, H, W, 3]`` (+ FP32 ``[B, D]``) -> FP32 ``[B, T, D]``."""
+    return ModelRunner(model).encode_videos(frames, text_feats)
+
+
+def fewshot_op(model: Any, op: str, inputs: Mapping[str, Any]) -> Dict[str, Any]:
+    """One ``fewshot_head`` request (see :func:`training.triton_models.common.fewshot_op`)."""
+    return _fewshot_op(ModelRunner(model), op, inputs)

@@ -7,6 +7,7 @@ exactly what `ModelRunner` gives for the same arrays; the real-server checks are
 from __future__ import annotations
 
 import ast
+import sys
 import importlib
 import types
 from pathlib import Path
@@ -153,3 +154,28 @@ def test_run_merged_isolates_a_failing_request() -> None:
     good, bad, other = common.run_merged(double, [(np.array([1, 2]),), (np.array([-1]),), (np.array([3]),)])
     assert good.tolist() == [2, 4] and isinstance(bad, ValueError) and other.tolist() == [6]
     assert common.run_merged(double, []) == []
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_model_py_of_earlier_exports_still_runs(served, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A repository exported before the shells moved keeps its old model.py (it imports from training.export)."""
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake_pb_utils())
+    source = (Path(__file__).parent / "data" / f"old_{name}_model.py.txt").read_text()
+    module = types.ModuleType(f"old_{name}")
+    exec(compile(source, f"old_{name}/model.py", "exec"), module.__dict__)
+    shell = module.TritonPythonModel()
+    shell.initialize({"model_repository": str(served["repository"] / name), "model_version": "1",
+                      "model_instance_kind": "CPU"})
+    new = served["shells"][name]
+    if name == "text_encoder":
+        request = FakeRequest(LABEL=np.array([[b"open valve"]], dtype=object))
+        key = "TEXT_FEATS"
+    elif name == "video_encoder":
+        request = FakeRequest(FRAMES=frames(1, seed=9))
+        key = "FRAME_FEATS"
+    else:
+        request = FakeRequest(OP=np.array([b"zero_shot"], dtype=object), QUERY_FEATS=np.ones((1, T, D), np.float32),
+                              TEXT_FEATS=np.ones((2, D), np.float32))
+        key = "LOGITS"
+    (old_response,), (new_response,) = shell.execute([request]), new.execute([request])
+    assert np.array_equal(old_response.outputs[key], new_response.outputs[key])
