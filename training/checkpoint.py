@@ -20,7 +20,6 @@ A checkpoint is one ``torch.save`` file of plain dicts, strings, numbers and ten
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from datetime import datetime, timezone
@@ -31,6 +30,7 @@ import torch
 
 from training.model import FsarModel, ModelConfig, build_model
 from training.model.config import ModelConfigError
+from training.model.hashing import state_hash
 
 FORMAT = "fsar-checkpoint"
 FORMAT_VERSION = 1
@@ -92,7 +92,7 @@ def save_checkpoint(path: PathLike, model: FsarModel, *, step: Optional[int] = N
         "parameters": {"trainable": int(counts["trainable"]), "total": int(counts["total"])},
         "trainable_state": trainable,
         "backbone_state": backbone_state,
-        "backbone_state_hash": _state_hash(backbone_state) if backbone_state is not None else None,
+        "backbone_state_hash": state_hash(backbone_state) if backbone_state is not None else None,
     }
     _atomic_save(payload, Path(path))
     return checkpoint_hash
@@ -166,7 +166,7 @@ def load_checkpoint(path: PathLike, *, pretrained_override: Optional[str] = None
 
     if embedded:
         backbone_state = payload["backbone_state"]
-        if _state_hash(backbone_state) != payload.get("backbone_state_hash"):
+        if state_hash(backbone_state) != payload.get("backbone_state_hash"):
             raise CheckpointError(f"{path}: the saved backbone weights do not match their recorded hash "
                                   f"(the file is corrupt)")
         _load_state(model, {**backbone_state, **payload["trainable_state"]}, path)
@@ -225,18 +225,6 @@ def _load_state(model: FsarModel, state: Dict[str, torch.Tensor], path: PathLike
         raise CheckpointError(f"{path}: saved weights do not fit the recorded config (missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]}, wrong shape {wrong[:3]})")
     model.load_state_dict(state, strict=True)
-
-
-def _state_hash(state: Mapping[str, torch.Tensor]) -> str:
-    """sha256 over key, dtype, shape and bytes of every tensor, in key order."""
-    digest = hashlib.sha256()
-    for key in sorted(state):
-        tensor = state[key].detach().to("cpu").contiguous()
-        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-        flat = tensor.reshape(-1)
-        if flat.numel():
-            digest.update(flat.view(torch.uint8).numpy())
-    return digest.hexdigest()
 
 
 def _plain(value: Any) -> Any:

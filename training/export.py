@@ -6,7 +6,7 @@ writes, for ``text_encoder``, ``video_encoder`` and ``fewshot_head``::
 
     model_repository/<model>/config.pbtxt          explicit dtypes and dims, batching, instance group,
                                                     and fsar_* parameters describing the model
-    model_repository/<model>/<version>/model.py    thin shell: convert tensors, call this package
+    model_repository/<model>/<version>/model.py    thin shell, copied from training/triton_models/<model>.py
     model_repository/<model>/<version>/checkpoint.pt      the checkpoint, copied
     model_repository/<model>/<version>/fsar_export.json   checkpoint hash, config, inputs/outputs
 
@@ -33,8 +33,9 @@ or from the ``FSAR_PRETRAINED`` environment variable of the Triton server (a tag
 with the same weights, checked against the recorded weight hash). A checkpoint of a random
 backbone carries the backbone weights itself, so nothing is re-randomised.
 
-The functions in the "runtime" section below are what the generated ``model.py`` files call;
-all model math stays in :class:`training.model.FsarModel`.
+Each ``model.py`` is a copy of a real module in :mod:`training.triton_models` (``initialize`` loads
+the checkpoint, ``execute`` calls :class:`training.model.ModelRunner`); all model math stays in
+:class:`training.model.FsarModel`.
 """
 from __future__ import annotations
 
@@ -44,18 +45,19 @@ import shutil
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
-
-import numpy as np
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from training.checkpoint import read_checkpoint_meta
+from training.model.card import ModelCard
 from training.model.config import ModelConfig
+from training.model.runner import ModelRunner
+from training.triton_models.common import CHECKPOINT_FILE, decode_strings, load_runner, run_merged  # noqa: F401
+from training.triton_models.common import fewshot_op as _fewshot_op
 
 MODEL_NAMES = ("text_encoder", "video_encoder", "fewshot_head")
-CHECKPOINT_FILE = "checkpoint.pt"
 METADATA_FILE = "fsar_export.json"
-PRETRAINED_ENV = "FSAR_PRETRAINED"
-FEWSHOT_OPS = ("prototypes", "classify", "zero_shot")
+#: The folder of the Triton shells; ``<name>.py`` there becomes ``<repository>/<name>/<version>/model.py``.
+SHELLS_DIR = Path(__file__).resolve().parent / "triton_models"
 INSTANCE_KINDS = {"gpu": "KIND_GPU", "cpu": "KIND_CPU"}
 
 PathLike = Union[str, os.PathLike]
@@ -151,7 +153,9 @@ def _write_repository(repository: Path, meta: Mapping[str, Any], checkpoint: Opt
     embed_dim, image_size, num_frames = _model_dims(config)
     if repository.exists() and not repository.is_dir():
         raise ExportError(f"repository {repository} exists and is not a folder")
-    parameters = _fsar_parameters(meta, config, embed_dim, image_size)
+    card = ModelCard.from_checkpoint_meta({**meta, "config": config.to_dict()}, input_size=image_size,
+                                          embed_dim=embed_dim)
+    parameters = card.to_triton_parameters()
     kind = INSTANCE_KINDS[instance_kind]
     configs = {
         "text_encoder": _text_encoder_config(embed_dim, kind, max_batch_size, queue_delay_us, parameters),
@@ -167,7 +171,7 @@ def _write_repository(repository: Path, meta: Mapping[str, Any], checkpoint: Opt
         version_dir = model_dir / str(version)
         version_dir.mkdir(parents=True, exist_ok=True)
         _atomic_write_text(model_dir / "config.pbtxt", configs[name])
-        _atomic_write_text(version_dir / "model.py", _MODEL_PY[name])
+        _atomic_copy(SHELLS_DIR / f"{name}.py", version_dir / "model.py")
         if checkpoint is not None:
             _atomic_copy(checkpoint, version_dir / CHECKPOINT_FILE)
         else:
@@ -211,32 +215,6 @@ def _write_repository(repository: Path, meta: Mapping[str, Any], checkpoint: Opt
 
 
 # ---------------------------------------------------------------------- config.pbtxt
-def _fsar_parameters(meta: Mapping[str, Any], config: ModelConfig, embed_dim: int,
-                     image_size: int) -> Dict[str, str]:
-    """Facts a gateway reads with ``get_model_config`` (no torch needed there). Strings only."""
-    counts = meta.get("parameters") or {}
-    facts = {
-        "fsar_checkpoint_hash": meta.get("checkpoint_hash") or "",
-        # The fingerprint that keys cached features is the checkpoint hash (FsarModel.fingerprint).
-        "fsar_fingerprint": meta.get("checkpoint_hash") or "",
-        "fsar_placeholder": "false" if meta.get("checkpoint_hash") else "true",
-        "fsar_backbone": config.backbone,
-        "fsar_pretrained": config.pretrained or "",
-        "fsar_weights_source": meta["backbone"].get("weights_source") or "",
-        "fsar_backbone_hash": meta["backbone"].get("weights_hash") or "",
-        "fsar_adapter": config.adapter,
-        "fsar_metric": config.metric,
-        "fsar_num_frames": str(config.num_frames),
-        "fsar_image_size": str(image_size),
-        "fsar_embed_dim": str(embed_dim),
-        "fsar_prompt": config.prompt,
-        "fsar_trainable_params": str(counts.get("trainable", "")),
-        "fsar_total_params": str(counts.get("total", "")),
-        "fsar_model_config": json.dumps(config.to_dict(), sort_keys=True),
-    }
-    return facts
-
-
 def _pbtxt_string(value: str) -> str:
     escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
     return f'"{escaped}"'
@@ -352,205 +330,24 @@ def _atomic_copy(source: Path, target: Path) -> None:
         raise
 
 
-# ====================================================================== runtime (used by model.py)
+# ---------------------------------------------------------------------- model.py files of earlier exports
+# Repositories exported before the shells moved to training/triton_models import these names from
+# here; they keep loading until re-exported. New code uses ModelRunner and training.triton_models.
 def load_exported_model(args: Mapping[str, str]) -> Any:
-    """Load the model of one exported Triton model instance; called from ``model.py``'s ``initialize``.
-
-    Args:
-        args: the Python backend's ``initialize`` arguments (``model_repository`` is the model's
-            folder, ``model_version``, ``model_instance_kind``, ``model_instance_device_id``).
-
-    Returns:
-        The :class:`FsarModel` in eval mode on the instance's device (``cuda:<id>`` or CPU).
-        Backbone weights come from ``$FSAR_PRETRAINED`` when set (same weights, another place).
-    """
-    import torch
-
-    from training.checkpoint import load_checkpoint
-
-    version_dir = Path(args["model_repository"]) / str(args["model_version"])
-    checkpoint = version_dir / CHECKPOINT_FILE
-    if not checkpoint.is_file():
-        raise FileNotFoundError(
-            f"{version_dir} has no {CHECKPOINT_FILE}: this is a placeholder (or incomplete) model repository. "
-            f"Export a checkpoint into it: fsar export --checkpoint CKPT --repository "
-            f"{Path(args['model_repository']).parent} --version {args['model_version']}")
-    if args.get("model_instance_kind", "CPU") == "GPU":
-        if not torch.cuda.is_available():
-            raise RuntimeError("this model has a KIND_GPU instance but torch sees no CUDA device; "
-                               "export with --instance-kind cpu for a CPU-only server")
-        device = torch.device(f"cuda:{int(args.get('model_instance_device_id', 0))}")
-    else:
-        device = torch.device("cpu")
-    model, _ = load_checkpoint(checkpoint, pretrained_override=os.environ.get(PRETRAINED_ENV) or None,
-                               map_location=device)
-    return model
+    """The :class:`FsarModel` of one exported model instance (see :func:`load_runner`)."""
+    return load_runner(args).model
 
 
-def run_merged(fn: Callable[..., np.ndarray], parts: Sequence[Sequence[np.ndarray]]) -> List[Union[np.ndarray, Exception]]:
-    """Run ``fn`` once over several requests' rows and split the result back per request.
-
-    Args:
-        fn: takes arrays whose first axis is rows (as many arrays as each part has) and returns an
-            array with one row per input row.
-        parts: one tuple of arrays per request (same arity; first axis = that request's rows).
-
-    Returns:
-        Per request, its rows of ``fn``'s output, or the exception that request caused: when the
-        merged call fails, each request runs alone so only the failing ones get an error.
-    """
-    if not parts:
-        return []
-    sizes = [len(part[0]) for part in parts]
-    try:
-        merged = [np.concatenate([part[i] for part in parts]) for i in range(len(parts[0]))]
-        output = fn(*merged)
-        return list(np.split(output, np.cumsum(sizes)[:-1]))
-    except Exception as err:  # noqa: BLE001 - isolate the failing request(s)
-        if len(parts) == 1:
-            return [err]
-    results: List[Union[np.ndarray, Exception]] = []
-    for part in parts:
-        try:
-            results.append(fn(*part))
-        except Exception as err:  # noqa: BLE001
-            results.append(err)
-    return results
+def encode_texts(model: Any, labels: Any) -> Any:
+    """BYTES labels ``[N, 1]`` -> FP32 ``[N, D]``."""
+    return ModelRunner(model).encode_texts(decode_strings(labels))
 
 
-def encode_texts(model: Any, labels: np.ndarray) -> np.ndarray:
-    """BYTES labels ``[N, 1]`` (or ``[N]``) -> text features FP32 ``[N, D]``."""
-    import torch
-
-    texts = [value.decode("utf-8") if isinstance(value, bytes) else str(value) for value in labels.reshape(-1)]
-    with torch.inference_mode():
-        return model.encode_text(texts).float().cpu().numpy()
+def encode_videos(model: Any, frames: Any, text_feats: Any = None) -> Any:
+    """uint8 ``[B, T, H, W, 3]`` (+ FP32 ``[B, D]``) -> FP32 ``[B, T, D]``."""
+    return ModelRunner(model).encode_videos(frames, text_feats)
 
 
-def encode_videos(model: Any, frames: np.ndarray, text_feats: Optional[np.ndarray] = None) -> np.ndarray:
-    """uint8 frames ``[B, T, H, W, 3]`` (+ FP32 support text features ``[B, D]``) -> FP32 ``[B, T, D]``."""
-    import torch
-
-    with torch.inference_mode():
-        texts = None if text_feats is None else _to_model(model, text_feats)
-        return model.encode_video(torch.from_numpy(np.ascontiguousarray(frames)), texts=texts).float().cpu().numpy()
-
-
-def fewshot_op(model: Any, op: str, inputs: Mapping[str, Optional[np.ndarray]]) -> Dict[str, np.ndarray]:
-    """One ``fewshot_head`` request: ``op`` with the named inputs (None when absent) -> named outputs.
-
-    ``prototypes``: SUPPORT_FEATS [S,T,D], SUPPORT_LABELS [S], TEXT_FEATS [N,D] -> PROTOTYPES [N,T,D].
-    ``classify``: QUERY_FEATS [Q,T,D], PROTOTYPES [N,T,D], TEXT_FEATS [N,D] or None -> LOGITS [Q,N].
-    ``zero_shot``: QUERY_FEATS [Q,T,D], TEXT_FEATS [N,D] -> LOGITS [Q,N].
-
-    Raises:
-        ValueError: unknown op, or an input the op needs is missing (the model raises for bad shapes).
-    """
-    import torch
-
-    needs = {"prototypes": ("SUPPORT_FEATS", "SUPPORT_LABELS", "TEXT_FEATS"),
-             "classify": ("QUERY_FEATS", "PROTOTYPES"),
-             "zero_shot": ("QUERY_FEATS", "TEXT_FEATS")}
-    if op not in needs:
-        raise ValueError(f"OP must be one of {', '.join(FEWSHOT_OPS)}; got {op!r}")
-    missing = [name for name in needs[op] if inputs.get(name) is None]
-    if missing:
-        raise ValueError(f"OP {op!r} needs input(s) {', '.join(missing)}")
-    text = inputs.get("TEXT_FEATS")
-    with torch.inference_mode():
-        text_feats = None if text is None else _to_model(model, text)
-        if op == "prototypes":
-            labels = torch.from_numpy(np.ascontiguousarray(inputs["SUPPORT_LABELS"]).astype(np.int64)).to(model.device)
-            prototypes = model.build_prototypes(_to_model(model, inputs["SUPPORT_FEATS"]), labels, text_feats)
-            return {"PROTOTYPES": prototypes.float().cpu().numpy()}
-        queries = _to_model(model, inputs["QUERY_FEATS"])
-        if op == "classify":
-            logits = model.classify(queries, _to_model(model, inputs["PROTOTYPES"]), text_feats)
-        else:
-            logits = model.zero_shot(queries, text_feats)
-        return {"LOGITS": logits.float().cpu().numpy()}
-
-
-def _to_model(model: Any, array: np.ndarray) -> Any:
-    """A float array as a tensor on the model's device and in its dtype."""
-    import torch
-
-    return torch.from_numpy(np.ascontiguousarray(array)).to(model.device, model.dtype)
-
-
-# ====================================================================== model.py sources
-_MODEL_PY_HEADER = '''"""Triton Python backend shell for fsar's {name} (written by `fsar export`; do not edit).
-
-initialize loads the checkpoint beside this file through training.checkpoint; execute converts
-Triton tensors to numpy and calls training.export's runtime functions. No model math here.
-"""
-import numpy as np
-import triton_python_backend_utils as pb_utils
-
-from training.export import {imports}
-
-
-def _error(err):
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{{type(err).__name__}}: {{err}}"))
-
-
-def _respond(name, result):
-    if isinstance(result, Exception):
-        return _error(result)
-    return pb_utils.InferenceResponse([pb_utils.Tensor(name, np.ascontiguousarray(result, dtype=np.float32))])
-
-
-class TritonPythonModel:
-    def initialize(self, args):
-        self.model = load_exported_model(args)
-'''
-
-_MODEL_PY = {
-    "text_encoder": _MODEL_PY_HEADER.format(name="text_encoder", imports="encode_texts, load_exported_model, run_merged") + '''
-    def execute(self, requests):
-        # LABEL: BYTES [b, 1] per request -> TEXT_FEATS: FP32 [b, D]
-        labels = [(pb_utils.get_input_tensor_by_name(request, "LABEL").as_numpy(),) for request in requests]
-        results = run_merged(lambda batch: encode_texts(self.model, batch), labels)
-        return [_respond("TEXT_FEATS", result) for result in results]
-''',
-    "video_encoder": _MODEL_PY_HEADER.format(name="video_encoder", imports="encode_videos, load_exported_model, run_merged") + '''
-    def execute(self, requests):
-        # FRAMES: UINT8 [b, T, H, W, 3] (+ TEXT_FEATS: FP32 [b, D] for support videos) -> FRAME_FEATS: FP32 [b, T, D]
-        queries, supports = [], []
-        for index, request in enumerate(requests):
-            frames = pb_utils.get_input_tensor_by_name(request, "FRAMES").as_numpy()
-            text = pb_utils.get_input_tensor_by_name(request, "TEXT_FEATS")
-            if text is None:
-                queries.append((index, (frames,)))
-            else:
-                supports.append((index, (frames, text.as_numpy())))
-        results = [None] * len(requests)
-        for group in (queries, supports):
-            outputs = run_merged(lambda *batch: encode_videos(self.model, *batch), [parts for _, parts in group])
-            for (index, _), output in zip(group, outputs):
-                results[index] = output
-        return [_respond("FRAME_FEATS", result) for result in results]
-''',
-    "fewshot_head": _MODEL_PY_HEADER.format(name="fewshot_head", imports="fewshot_op, load_exported_model") + '''
-    _INPUTS = ("SUPPORT_FEATS", "SUPPORT_LABELS", "TEXT_FEATS", "QUERY_FEATS", "PROTOTYPES")
-
-    def execute(self, requests):
-        # One episode per request; see config.pbtxt for the inputs each OP takes.
-        responses = []
-        for request in requests:
-            try:
-                op = pb_utils.get_input_tensor_by_name(request, "OP").as_numpy().reshape(-1)[0]
-                op = op.decode("utf-8") if isinstance(op, bytes) else str(op)
-                inputs = {}
-                for name in self._INPUTS:
-                    tensor = pb_utils.get_input_tensor_by_name(request, name)
-                    inputs[name] = None if tensor is None else tensor.as_numpy()
-                outputs = fewshot_op(self.model, op, inputs)
-            except Exception as err:  # the message goes back to the client
-                responses.append(_error(err))
-                continue
-            responses.append(pb_utils.InferenceResponse(
-                [pb_utils.Tensor(name, np.ascontiguousarray(value, dtype=np.float32)) for name, value in outputs.items()]))
-        return responses
-''',
-}
+def fewshot_op(model: Any, op: str, inputs: Mapping[str, Any]) -> Dict[str, Any]:
+    """One ``fewshot_head`` request (see :func:`training.triton_models.common.fewshot_op`)."""
+    return _fewshot_op(ModelRunner(model), op, inputs)

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock
 from torch import Tensor, nn
 
+from training.model.adapters import TextAdapter
+
 IGNORE_INDEX = -100
 
 
@@ -264,21 +266,6 @@ def mask_label_words(
     return input_ids, targets
 
 
-class _TextAdapter(nn.Module):
-    """Bottleneck adapter ``x + fc2(GELU(fc1(x)))`` with ``fc2`` zero-initialised (identity at init)."""
-
-    def __init__(self, width: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(width, hidden)
-        self.fc2 = nn.Linear(hidden, width)
-        nn.init.zeros_(self.fc2.weight)
-        nn.init.zeros_(self.fc2.bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``[..., W] -> [..., W]``."""
-        return x + self.fc2(F.gelu(self.fc1(x)))
-
-
 class WordTokenizer(Protocol):
     """Anything with open_clip ``SimpleTokenizer``'s ``encode(text) -> list[int]`` (BPE ids)."""
 
@@ -368,7 +355,7 @@ class CMLMHead(nn.Module):
         self.register_buffer("position_embeddings", positional_embedding.detach()[1:].clone())  # [ctx-1, W]
         self.mask_embedding = nn.Parameter(0.02 * torch.randn(width))
 
-        self.text_adapter = _TextAdapter(width, adapter_dim)
+        self.text_adapter = TextAdapter(width, adapter_dim)
         self.norm = nn.LayerNorm(width)
         self.transform = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.LayerNorm(width))
         self.classifier = nn.Linear(width, len(self.vocab))

@@ -1,8 +1,8 @@
 """Embedded backend: the fsar model in this process (torch, CPU or GPU).
 
-Model calls run in a bounded thread pool (`encode_concurrency` threads) under
-`torch.inference_mode()`, so the event loop never blocks on the model. This is the only gateway
-module that imports torch.
+Model calls go to `training.model.ModelRunner` (the numpy-facing runner the Triton models call too,
+under `torch.inference_mode()`) in a bounded thread pool (`encode_concurrency` threads), so the event
+loop never blocks on the model. This is the only gateway module that imports torch.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import asyncio
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import numpy as np
 import torch
@@ -18,6 +18,9 @@ import torch
 from service.backends.base import Backend
 from service.errors import BackendUnavailable
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from training.model.runner import ModelRunner
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -58,13 +61,12 @@ class EmbeddedBackend(Backend):
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.model: Any = None
+        self.runner: ModelRunner | None = None
         self.meta: dict[str, Any] = {}
         self._info: dict[str, Any] | None = None
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.encode_concurrency = encode_concurrency_for(settings, self.device.type)
         self._pool = ThreadPoolExecutor(max_workers=self.encode_concurrency, thread_name_prefix="fsar-model")
-        self.float_dtype = torch.float32
         self._threads_before: int | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -73,16 +75,17 @@ class EmbeddedBackend(Backend):
             self._threads_before = torch.get_num_threads()  # restored by close(): the setting is per process
             torch.set_num_threads(cpu_threads_per_model_call(self.settings))
         loop = asyncio.get_running_loop()
-        self.model, self.meta = await loop.run_in_executor(self._pool, self._load)
-        self.float_dtype = next(self.model.parameters()).dtype
+        self.runner, self.meta = await loop.run_in_executor(self._pool, self._load)
         self._info = self._describe()
         log.info("embedded backend: %s on %s (%d model calls at once%s), %s trainable parameters, "
                  "fingerprint %s", self._info["backbone"], self.device, self.encode_concurrency,
                  f", {self._info['threads_per_call']} threads each" if self._info["threads_per_call"] else "",
                  self._info["trainable_params"], self._info["fingerprint"][:16])
 
-    def _load(self) -> tuple[Any, dict[str, Any]]:
+    def _load(self) -> tuple[ModelRunner, dict[str, Any]]:
         """Build or load the model (runs in the pool; raises the model code's one-sentence errors)."""
+        from training.model.runner import ModelRunner
+
         settings = self.settings
         if settings.checkpoint:
             from training.checkpoint import load_checkpoint
@@ -105,49 +108,31 @@ class EmbeddedBackend(Backend):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(settings.seed)
                 model, meta = build_model(config), {}
-        model = model.to(self.device).eval()
-        return model, dict(meta)
+        return ModelRunner(model.to(self.device).eval()), dict(meta)
 
     async def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
-        self.model = None
+        self.runner = None
         if self._threads_before is not None:
             torch.set_num_threads(self._threads_before)
             self._threads_before = None
 
     async def ready(self) -> bool:
-        return self.model is not None
+        return self.runner is not None
 
     # ------------------------------------------------------------------ facts
     def _describe(self) -> dict[str, Any]:
-        card = self.model.describe()  # backbone, weights, adapter, metric, sizes, counts, fingerprint
-        config = self.model.config
+        card = self.runner.model.card(checkpoint_hash=self.meta.get("checkpoint_hash"))
         return {
             "backend": self.name,
-            "backbone": card["backbone"],
-            "pretrained": card["pretrained"],
-            "weights_source": card["weights_source"],
-            "backbone_hash": card["backbone_hash"],
-            "adapter": card["adapter"],
-            "tpcm": card["tpcm"],
-            "metric": card["metric"],
-            "metrics": [card["metric"]],  # the metric module is part of the (trained) model
+            **card.to_dict(),
+            "metrics": [card.metric],  # the metric module is part of the (trained) model
             "checkpoint": self.settings.checkpoint,
-            "checkpoint_hash": self.meta.get("checkpoint_hash"),
-            "trainable_params": int(card["trainable_parameters"]),
-            "total_params": int(card["total_parameters"]),
-            "fingerprint": card["fingerprint"],
-            "input_size": int(card["image_size"][0]),
-            "num_frames": int(card["num_frames"]),
-            "embed_dim": int(card["embed_dim"]),
-            "prompt": config.prompt,
-            "alpha": config.alpha,
             "device": str(self.device),
             "encode_concurrency": self.encode_concurrency,
             "threads_per_call": (cpu_threads_per_model_call(self.settings) if self.device.type == "cpu"
                                  else None),
             "demo": bool(self.settings.demo),
-            "config": config.to_dict(),
         }
 
     def info(self) -> dict[str, Any]:
@@ -156,61 +141,32 @@ class EmbeddedBackend(Backend):
         return self._info
 
     # ------------------------------------------------------------------ model calls
-    async def _run(self, fn: Callable[[], T]) -> T:
-        if self.model is None:
+    async def _run(self, fn: Callable[[ModelRunner], T]) -> T:
+        """`fn(runner)` in the model thread pool."""
+        runner = self.runner
+        if runner is None:
             raise BackendUnavailable("The embedded model is not loaded.")
         loop = asyncio.get_running_loop()
-
-        def call() -> T:
-            with torch.inference_mode():
-                return fn()
-
-        return await loop.run_in_executor(self._pool, call)
-
-    def _tensor(self, array: np.ndarray, dtype: torch.dtype | None = None) -> torch.Tensor:
-        tensor = torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
-        return tensor if dtype is None else tensor.to(dtype)
-
-    @staticmethod
-    def _numpy(tensor: torch.Tensor) -> np.ndarray:
-        return tensor.detach().float().cpu().numpy()
+        return await loop.run_in_executor(self._pool, fn, runner)
 
     async def encode_videos(self, frames: np.ndarray, text_feats: np.ndarray | None = None) -> np.ndarray:
         """uint8 `[B, T, H, W, 3]` (+ float32 `[B, D]` support texts) -> float32 `[B, T, D]`."""
-        if frames.dtype != np.uint8 or frames.ndim != 5:
-            raise ValueError(f"frames must be uint8 [B, T, H, W, 3], got {frames.dtype} {frames.shape}")
-
-        def run() -> np.ndarray:
-            texts = None if text_feats is None else self._tensor(text_feats, self.float_dtype)
-            return self._numpy(self.model.encode_video(self._tensor(frames), texts=texts))
-
-        return await self._run(run)
+        return await self._run(lambda runner: runner.encode_videos(frames, text_feats))
 
     async def encode_texts(self, labels: list[str]) -> np.ndarray:
         """N labels -> float32 `[N, D]` (prompt template applied by the model)."""
-        return await self._run(lambda: self._numpy(self.model.encode_text(list(labels))))
+        return await self._run(lambda runner: runner.encode_texts(labels))
 
     async def build_prototypes(self, support_feats: np.ndarray, support_labels: np.ndarray,
                                text_feats: np.ndarray) -> np.ndarray:
         """`[S, T, D]`, int `[S]`, `[N, D]` -> float32 `[N, T, D]`."""
-        return await self._run(lambda: self._numpy(self.model.build_prototypes(
-            self._tensor(support_feats, self.float_dtype), self._tensor(support_labels.astype(np.int64)),
-            self._tensor(text_feats, self.float_dtype))))
+        return await self._run(lambda runner: runner.build_prototypes(support_feats, support_labels, text_feats))
 
     async def classify(self, query_feats: np.ndarray, prototypes: np.ndarray,
                        text_feats: np.ndarray | None = None, metric: str | None = None) -> np.ndarray:
         """`[Q, T, D]`, `[N, T, D]` (+ `[N, D]`) -> logits `[Q, N]`."""
-        if metric is not None and metric != self.model.config.metric:
-            raise ValueError(f"metric {metric!r} is not available; this model uses {self.model.config.metric!r}")
-
-        def run() -> np.ndarray:
-            texts = None if text_feats is None else self._tensor(text_feats, self.float_dtype)
-            return self._numpy(self.model.classify(self._tensor(query_feats, self.float_dtype),
-                                                   self._tensor(prototypes, self.float_dtype), texts))
-
-        return await self._run(run)
+        return await self._run(lambda runner: runner.classify(query_feats, prototypes, text_feats, metric))
 
     async def zero_shot(self, query_feats: np.ndarray, text_feats: np.ndarray) -> np.ndarray:
         """`[Q, T, D]`, `[N, D]` -> logits `[Q, N]`."""
-        return await self._run(lambda: self._numpy(self.model.zero_shot(
-            self._tensor(query_feats, self.float_dtype), self._tensor(text_feats, self.float_dtype))))
+        return await self._run(lambda runner: runner.zero_shot(query_feats, text_feats))

@@ -22,7 +22,6 @@ restarted with another export is noticed (a new fingerprint) instead of serving 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from typing import Any, Sequence
@@ -34,6 +33,7 @@ from tritonclient.utils import InferenceServerException
 from service.backends.base import Backend
 from service.errors import BackendUnavailable, InvalidField
 from service.settings import Settings
+from training.model.card import ModelCard
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +85,6 @@ def _bytes_array(values: Sequence[str]) -> np.ndarray:
 def _parameters(config: dict[str, Any]) -> dict[str, str]:
     """`config.pbtxt` parameters as strings (protobuf JSON drops empty strings: read them as "")."""
     return {key: value.get("string_value", "") for key, value in (config.get("parameters") or {}).items()}
-
-
-def _int_or_none(text: str) -> int | None:
-    return int(text) if text.strip().lstrip("-").isdigit() else None
 
 
 class TritonBackend(Backend):
@@ -205,31 +201,15 @@ class TritonBackend(Backend):
                         info["fingerprint"][:16], info["backbone"])
 
     def _describe(self, params: dict[str, str]) -> dict[str, Any]:
-        """The model card (the embedded backend's keys) from one model's `fsar_*` parameters."""
-        config = json.loads(params.get("fsar_model_config") or "{}")
+        """`info()` from one model's `fsar_*` parameters: the model card plus where it is served."""
+        card = ModelCard.from_triton_parameters(params)
         return {
             "backend": self.name,
-            "backbone": params["fsar_backbone"],
-            "pretrained": params.get("fsar_pretrained") or None,
-            "weights_source": params.get("fsar_weights_source") or None,
-            "backbone_hash": params.get("fsar_backbone_hash") or None,
-            "adapter": params.get("fsar_adapter") or None,
-            "tpcm": config.get("tpcm"),
-            "metric": params["fsar_metric"],
-            "metrics": [params["fsar_metric"]],  # the metric module is part of the exported model
+            **card.to_dict(),
+            "metrics": [card.metric],  # the metric module is part of the exported model
             "checkpoint": None,  # the checkpoint lives on the Triton host; its hash identifies it
-            "checkpoint_hash": params.get("fsar_checkpoint_hash") or None,
-            "trainable_params": _int_or_none(params.get("fsar_trainable_params", "")),
-            "total_params": _int_or_none(params.get("fsar_total_params", "")),
-            "fingerprint": params["fsar_fingerprint"],
-            "input_size": int(params["fsar_image_size"]),
-            "num_frames": int(params["fsar_num_frames"]),
-            "embed_dim": int(params["fsar_embed_dim"]),
-            "prompt": params.get("fsar_prompt") or config.get("prompt"),
-            "alpha": config.get("alpha"),
             "device": f"triton {self.url}",
             "demo": bool(self.settings.demo),
-            "config": config,
             "triton_url": self.url,
         }
 

@@ -18,8 +18,9 @@ from tritonclient.utils import InferenceServerException
 
 from training.checkpoint import save_checkpoint
 from training.export import (CHECKPOINT_FILE, METADATA_FILE, MODEL_NAMES, ExportError, export_repository,
-                             load_exported_model, write_placeholder_repository)
+                             write_placeholder_repository)
 from training.model import FsarModel, ModelConfig, build_model
+from training.triton_models.common import load_runner
 from tests.triton_util import start_triton
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -232,4 +233,4 @@ def test_placeholder_repository_matches_checked_in_and_refuses_to_load(tmp_path:
     args = {"model_repository": str(checked_in / "video_encoder"), "model_version": "1",
             "model_instance_kind": "CPU", "model_instance_device_id": "0"}
     with pytest.raises(FileNotFoundError, match="fsar export --checkpoint"):
-        load_exported_model(args)
+        load_runner(args)

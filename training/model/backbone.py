@@ -8,7 +8,6 @@ sentence, instead of hanging on network retries or falling back to random weight
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import socket
@@ -21,6 +20,8 @@ import open_clip
 import torch
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
+
+from training.model.hashing import state_hash
 
 logger = logging.getLogger(__name__)
 
@@ -81,15 +82,7 @@ def register_model_configs() -> None:
 
 def weights_hash(module: nn.Module) -> str:
     """sha256 over a module's state_dict: every key, dtype, shape and the raw tensor bytes, in key order."""
-    digest = hashlib.sha256()
-    state = module.state_dict()
-    for key in sorted(state):
-        tensor = state[key].detach()
-        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-        flat = tensor.to("cpu").contiguous().reshape(-1)
-        if flat.numel():
-            digest.update(flat.view(torch.uint8).numpy())
-    return digest.hexdigest()
+    return state_hash(module.state_dict())
 
 
 def load_backbone(name: str, pretrained: Optional[str] = "openai", quick_gelu: Optional[bool] = None) -> Backbone:

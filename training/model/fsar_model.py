@@ -13,7 +13,6 @@ Methods stay differentiable (training calls them); serving wraps calls in ``torc
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -27,8 +26,10 @@ from torch import Tensor, nn
 from training.model.temporal_metrics import build_metric
 from training.model.adapters import TemporalAdapter
 from training.model.backbone import Backbone, load_backbone
+from training.model.card import ModelCard
 from training.model.config import ModelConfig
 from training.model.injection import ADAPTER_SLOTS, AdaptedBlock, inject_adapters, video_context
+from training.model.hashing import state_hash
 from training.model.tpcm import TPCM
 
 logger = logging.getLogger(__name__)
@@ -356,36 +357,39 @@ class FsarModel(nn.Module):
 
     def fingerprint(self) -> str:
         """sha256 over the config, the backbone weight hash and the trainable weights (hex)."""
-        digest = hashlib.sha256()
-        digest.update(json.dumps(self.config.to_dict(), sort_keys=True).encode())
-        digest.update(self.backbone_hash.encode())
-        trainable = self.trainable_state_dict()
-        for key in sorted(trainable):
-            tensor = trainable[key].detach()
-            digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-            flat = tensor.to("cpu").contiguous().reshape(-1)
-            if flat.numel():
-                digest.update(flat.view(torch.uint8).numpy())
-        return digest.hexdigest()
+        header = json.dumps(self.config.to_dict(), sort_keys=True).encode() + self.backbone_hash.encode()
+        return state_hash(self.trainable_state_dict(), header=header)
+
+    def card(self, checkpoint_hash: Optional[str] = None) -> ModelCard:
+        """The model card: backbone, weights, adapters, head, sizes, parameter counts, fingerprint.
+
+        Args:
+            checkpoint_hash: hash of the checkpoint the model was loaded from (None: built from a config).
+        """
+        counts = self.count_parameters()
+        return ModelCard(
+            backbone=self.backbone_name,
+            pretrained=self.config.pretrained,
+            weights_source=self.weights_source,
+            backbone_hash=self.backbone_hash,
+            adapter=self.config.adapter,
+            tpcm=self.config.tpcm,
+            metric=self.config.metric,
+            checkpoint_hash=checkpoint_hash,
+            trainable_params=int(counts["trainable"]),
+            total_params=int(counts["total"]),
+            fingerprint=self.fingerprint(),
+            input_size=int(self.image_size[0]),
+            num_frames=int(self.num_frames),
+            embed_dim=int(self.embed_dim),
+            prompt=self.config.prompt,
+            alpha=self.config.alpha,
+            config=self.config.to_dict(),
+        )
 
     def describe(self) -> Dict[str, Any]:
-        """What the service reports at ``GET /model``: backbone, weights, adapters, head, parameter counts."""
-        counts = self.count_parameters()
-        return {
-            "backbone": self.backbone_name,
-            "pretrained": self.config.pretrained,
-            "weights_source": self.weights_source,
-            "backbone_hash": self.backbone_hash,
-            "adapter": self.config.adapter,
-            "metric": self.config.metric,
-            "tpcm": self.config.tpcm,
-            "num_frames": self.num_frames,
-            "image_size": list(self.image_size),
-            "embed_dim": self.embed_dim,
-            "trainable_parameters": counts["trainable"],
-            "total_parameters": counts["total"],
-            "fingerprint": self.fingerprint(),
-        }
+        """:meth:`card` as a dict (what ``GET /model`` reports about the model)."""
+        return self.card().to_dict()
 
     # ------------------------------------------------------------------ helpers
     def _is_adapter_key(self, key: str) -> bool:

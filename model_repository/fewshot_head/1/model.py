@@ -1,45 +1,36 @@
-"""Triton Python backend shell for fsar's fewshot_head (written by `fsar export`; do not edit).
+"""Triton Python-backend model: fsar's few-shot head (TPCM + temporal metric), one episode a request.
 
-initialize loads the checkpoint beside this file through training.checkpoint; execute converts
-Triton tensors to numpy and calls training.export's runtime functions. No model math here.
+``fsar export`` copies this file to ``<repository>/fewshot_head/<version>/model.py`` (its source is
+``training/triton_models/fewshot_head.py``). OP BYTES ``[1]`` names the op; the inputs each op takes
+are listed in ``training.triton_models.common.FEWSHOT_OPS`` and ``config.pbtxt``.
 """
-import numpy as np
-import triton_python_backend_utils as pb_utils
+from typing import Any, Dict, List
 
-from training.export import fewshot_op, load_exported_model
+from training.triton_models.common import (FEWSHOT_INPUTS, decode_strings, error_response, fewshot_op,
+                                           float_response, load_runner)
 
-
-def _error(err):
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(err).__name__}: {err}"))
-
-
-def _respond(name, result):
-    if isinstance(result, Exception):
-        return _error(result)
-    return pb_utils.InferenceResponse([pb_utils.Tensor(name, np.ascontiguousarray(result, dtype=np.float32))])
+try:
+    import triton_python_backend_utils as pb_utils
+except ImportError:  # only inside Triton's Python backend; tests set a stand-in
+    pb_utils = None
 
 
 class TritonPythonModel:
-    def initialize(self, args):
-        self.model = load_exported_model(args)
+    def initialize(self, args: Dict[str, str]) -> None:
+        self.runner = load_runner(args)
 
-    _INPUTS = ("SUPPORT_FEATS", "SUPPORT_LABELS", "TEXT_FEATS", "QUERY_FEATS", "PROTOTYPES")
-
-    def execute(self, requests):
-        # One episode per request; see config.pbtxt for the inputs each OP takes.
+    def execute(self, requests: List[Any]) -> List[Any]:
         responses = []
         for request in requests:
             try:
-                op = pb_utils.get_input_tensor_by_name(request, "OP").as_numpy().reshape(-1)[0]
-                op = op.decode("utf-8") if isinstance(op, bytes) else str(op)
+                op = decode_strings(pb_utils.get_input_tensor_by_name(request, "OP").as_numpy())[0]
                 inputs = {}
-                for name in self._INPUTS:
+                for name in FEWSHOT_INPUTS:
                     tensor = pb_utils.get_input_tensor_by_name(request, name)
                     inputs[name] = None if tensor is None else tensor.as_numpy()
-                outputs = fewshot_op(self.model, op, inputs)
+                outputs = fewshot_op(self.runner, op, inputs)
             except Exception as err:  # the message goes back to the client
-                responses.append(_error(err))
+                responses.append(error_response(pb_utils, err))
                 continue
-            responses.append(pb_utils.InferenceResponse(
-                [pb_utils.Tensor(name, np.ascontiguousarray(value, dtype=np.float32)) for name, value in outputs.items()]))
+            responses.append(float_response(pb_utils, outputs))
         return responses

@@ -1,30 +1,24 @@
-"""Triton Python backend shell for fsar's text_encoder (written by `fsar export`; do not edit).
+"""Triton Python-backend model: fsar's text encoder.
 
-initialize loads the checkpoint beside this file through training.checkpoint; execute converts
-Triton tensors to numpy and calls training.export's runtime functions. No model math here.
+``fsar export`` copies this file to ``<repository>/text_encoder/<version>/model.py`` (its source is
+``training/triton_models/text_encoder.py``). LABEL BYTES ``[B, 1]`` -> TEXT_FEATS FP32 ``[B, D]``.
 """
-import numpy as np
-import triton_python_backend_utils as pb_utils
+from typing import Any, Dict, List
 
-from training.export import encode_texts, load_exported_model, run_merged
+from training.triton_models.common import decode_strings, float_response, load_runner, run_merged
 
-
-def _error(err):
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(err).__name__}: {err}"))
-
-
-def _respond(name, result):
-    if isinstance(result, Exception):
-        return _error(result)
-    return pb_utils.InferenceResponse([pb_utils.Tensor(name, np.ascontiguousarray(result, dtype=np.float32))])
+try:
+    import triton_python_backend_utils as pb_utils
+except ImportError:  # only inside Triton's Python backend; tests set a stand-in
+    pb_utils = None
 
 
 class TritonPythonModel:
-    def initialize(self, args):
-        self.model = load_exported_model(args)
+    def initialize(self, args: Dict[str, str]) -> None:
+        self.runner = load_runner(args)
 
-    def execute(self, requests):
-        # LABEL: BYTES [b, 1] per request -> TEXT_FEATS: FP32 [b, D]
+    def execute(self, requests: List[Any]) -> List[Any]:
+        # LABEL: BYTES [b, 1] per request -> TEXT_FEATS: FP32 [b, D]; one model call for the batch
         labels = [(pb_utils.get_input_tensor_by_name(request, "LABEL").as_numpy(),) for request in requests]
-        results = run_merged(lambda batch: encode_texts(self.model, batch), labels)
-        return [_respond("TEXT_FEATS", result) for result in results]
+        results = run_merged(lambda batch: self.runner.encode_texts(decode_strings(batch)), labels)
+        return [float_response(pb_utils, {"TEXT_FEATS": result}) for result in results]

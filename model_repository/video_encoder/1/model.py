@@ -1,30 +1,26 @@
-"""Triton Python backend shell for fsar's video_encoder (written by `fsar export`; do not edit).
+"""Triton Python-backend model: fsar's video encoder.
 
-initialize loads the checkpoint beside this file through training.checkpoint; execute converts
-Triton tensors to numpy and calls training.export's runtime functions. No model math here.
+``fsar export`` copies this file to ``<repository>/video_encoder/<version>/model.py`` (its source is
+``training/triton_models/video_encoder.py``). FRAMES UINT8 ``[B, T, H, W, 3]`` (+ TEXT_FEATS FP32
+``[B, D]`` for support videos) -> FRAME_FEATS FP32 ``[B, T, D]``.
 """
-import numpy as np
-import triton_python_backend_utils as pb_utils
+from typing import Any, Dict, List
 
-from training.export import encode_videos, load_exported_model, run_merged
+from training.triton_models.common import float_response, load_runner, run_merged
 
-
-def _error(err):
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(err).__name__}: {err}"))
-
-
-def _respond(name, result):
-    if isinstance(result, Exception):
-        return _error(result)
-    return pb_utils.InferenceResponse([pb_utils.Tensor(name, np.ascontiguousarray(result, dtype=np.float32))])
+try:
+    import triton_python_backend_utils as pb_utils
+except ImportError:  # only inside Triton's Python backend; tests set a stand-in
+    pb_utils = None
 
 
 class TritonPythonModel:
-    def initialize(self, args):
-        self.model = load_exported_model(args)
+    def initialize(self, args: Dict[str, str]) -> None:
+        self.runner = load_runner(args)
 
-    def execute(self, requests):
-        # FRAMES: UINT8 [b, T, H, W, 3] (+ TEXT_FEATS: FP32 [b, D] for support videos) -> FRAME_FEATS: FP32 [b, T, D]
+    def execute(self, requests: List[Any]) -> List[Any]:
+        # FRAMES: UINT8 [b, T, H, W, 3] (+ TEXT_FEATS: FP32 [b, D]) -> FRAME_FEATS: FP32 [b, T, D];
+        # one model call for the queries of the batch, one for its support videos
         queries, supports = [], []
         for index, request in enumerate(requests):
             frames = pb_utils.get_input_tensor_by_name(request, "FRAMES").as_numpy()
@@ -33,9 +29,9 @@ class TritonPythonModel:
                 queries.append((index, (frames,)))
             else:
                 supports.append((index, (frames, text.as_numpy())))
-        results = [None] * len(requests)
+        results: List[Any] = [None] * len(requests)
         for group in (queries, supports):
-            outputs = run_merged(lambda *batch: encode_videos(self.model, *batch), [parts for _, parts in group])
+            outputs = run_merged(self.runner.encode_videos, [parts for _, parts in group])
             for (index, _), output in zip(group, outputs):
                 results[index] = output
-        return [_respond("FRAME_FEATS", result) for result in results]
+        return [float_response(pb_utils, {"FRAME_FEATS": result}) for result in results]
