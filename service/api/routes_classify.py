@@ -24,11 +24,17 @@ async def classify(
     labels: Annotated[list[str] | None, Form(description="Zero-shot labels (repeat the field); "
                                                          "with support_set_id: hybrid.")] = None,
     top_k: Annotated[int | None, Form(ge=1, description="Return only the k best labels.")] = None,
+    text_weight: Annotated[float | None, Form(
+        ge=0.0, le=1.0, allow_inf_nan=False,
+        description="Text share of this request, 0..1. Few-shot: replaces the model's alpha in "
+                    "p = w * softmax(Q2T) + (1 - w) * softmax(Q2S) (0 = the examples alone, 1 = the label "
+                    "texts alone). Hybrid: replaces hybrid_text_weight. Unset: the model's and the "
+                    "server's weights.")] = None,
 ) -> dict:
     """Scores are probabilities that sum to 1 over all candidate labels
     (see `service.core.classify.Classifier.classify`)."""
     # The video lives in a file in upload_dir while the request runs (never whole in memory).
     async with stored_uploads([video], service.settings.upload_dir) as (upload,):
         result = await service.classify(upload, support_set_id=support_set_id, labels=labels, top_k=top_k,
-                                        tenant=tenant)
+                                        tenant=tenant, text_weight=text_weight)
     return asdict(result)

@@ -55,7 +55,7 @@ class Classifier:
         self._support_sets = support_sets
 
     async def classify(self, upload: Upload, *, support_set_id: str | None, labels: Sequence[str] | None,
-                       top_k: int | None, tenant: str | None) -> Classification:
+                       top_k: int | None, tenant: str | None, text_weight: float | None = None) -> Classification:
         """Label one query video (few-shot against one of the tenant's sets).
 
         - few-shot (`support_set_id`): the model's `classify` against the set's cached prototypes
@@ -70,10 +70,15 @@ class Classifier:
           softmax over the support classes (0 for text-only labels). Both sum to 1, so p does too.
           A label given in `labels` that is also a support class is one candidate, not two.
 
+        `text_weight` (0..1) is the text share of this request: few-shot, the model's alpha is replaced
+        and p = w * softmax(Q2T) + (1 - w) * softmax(Q2S) is formed here from the model's Q2T
+        (`zero_shot` against the classes' label texts) and Q2S (`classify` without texts) logits;
+        hybrid, it replaces `hybrid_text_weight`. None keeps the model's and the settings' weights.
+
         Scores are probabilities summing to 1 over all candidates; `top_k` keeps the best k.
         """
         labels = unique(clean_labels(labels or []))
-        self._check(labels, support_set_id, top_k)
+        self._check(labels, support_set_id, top_k, text_weight)
         check_not_empty(upload)
         manifest = await self._support_sets.load(support_set_id, tenant) if support_set_id is not None else None
 
@@ -92,8 +97,11 @@ class Classifier:
                 class_text = await self._features.text(classes)  # [N, D]
             metric = self._model.metric_for_set(manifest.id, manifest.metric)
             with timings.measure("match"):
-                logits = await self._backend.classify(query_batch, prototypes, class_text, metric=metric)
-            few_probs = softmax(logits)[0]  # [N]
+                if text_weight is None or labels:  # the model's own mix (hybrid: the few-shot part)
+                    few_probs = softmax(await self._backend.classify(query_batch, prototypes, class_text,
+                                                                     metric=metric))[0]  # [N]
+                else:
+                    few_probs = await self._mixed(query_batch, prototypes, class_text, metric, text_weight)
             candidates = classes
             sources = {label: "support" for label in classes}
         if labels:
@@ -107,7 +115,7 @@ class Classifier:
                 logits = await self._backend.zero_shot(query_batch, text_feats)
             zero_probs = softmax(logits)[0]  # [C]
 
-        mode, probs = self._fuse(few_probs, zero_probs, len(candidates))
+        mode, probs = self._fuse(few_probs, zero_probs, len(candidates), text_weight)
         order = np.argsort(-probs, kind="stable")
         if top_k is not None:
             order = order[:top_k]
@@ -122,7 +130,18 @@ class Classifier:
             timings_ms=timings.milliseconds(),
         )
 
-    def _check(self, labels: list[str], support_set_id: str | None, top_k: int | None) -> None:
+    async def _mixed(self, query_batch: np.ndarray, prototypes: np.ndarray, class_text: np.ndarray,
+                     metric: str | None, text_weight: float) -> np.ndarray:
+        """Few-shot probabilities `[N]` with the text share `text_weight` instead of the model's alpha:
+        w * softmax(Q2T) + (1 - w) * softmax(Q2S), the model's own formula with another weight."""
+        q2s = softmax(await self._backend.classify(query_batch, prototypes, None, metric=metric))[0]  # [N]
+        if text_weight == 0.0:
+            return q2s
+        q2t = softmax(await self._backend.zero_shot(query_batch, class_text))[0]  # [N]
+        return text_weight * q2t + (1.0 - text_weight) * q2s
+
+    def _check(self, labels: list[str], support_set_id: str | None, top_k: int | None,
+               text_weight: float | None) -> None:
         limit = self._settings.max_labels_per_request
         if len(labels) > limit:
             raise PayloadTooLarge(f"{len(labels)} labels in one request; the limit is {limit} "
@@ -132,12 +151,14 @@ class Classifier:
                                code="missing_target")
         if top_k is not None and top_k < 1:
             raise InvalidField("top_k must be at least 1.", code="invalid_top_k")
+        if text_weight is not None and not 0.0 <= text_weight <= 1.0:  # also refuses nan
+            raise InvalidField("text_weight must be between 0 and 1.", code="invalid_text_weight")
 
-    def _fuse(self, few_probs: np.ndarray | None, zero_probs: np.ndarray | None,
-              num_candidates: int) -> tuple[Literal["few-shot", "zero-shot", "hybrid"], np.ndarray]:
+    def _fuse(self, few_probs: np.ndarray | None, zero_probs: np.ndarray | None, num_candidates: int,
+              text_weight: float | None) -> tuple[Literal["few-shot", "zero-shot", "hybrid"], np.ndarray]:
         """The mode and the probabilities `[C]` over all candidates (support classes first)."""
         if few_probs is not None and zero_probs is not None:
-            weight = self._settings.hybrid_text_weight
+            weight = self._settings.hybrid_text_weight if text_weight is None else text_weight
             few_padded = np.zeros(num_candidates)
             few_padded[:len(few_probs)] = few_probs  # support classes come first; text-only get 0
             return "hybrid", weight * zero_probs + (1.0 - weight) * few_padded

@@ -82,10 +82,10 @@ class FsarService:
     # ------------------------------------------------------------------ classification
     async def classify(self, upload: Upload, *, support_set_id: str | None = None,
                        labels: Sequence[str] | None = None, top_k: int | None = None,
-                       tenant: str | None = None) -> Classification:
+                       tenant: str | None = None, text_weight: float | None = None) -> Classification:
         """Label one query video: few-shot, zero-shot or hybrid (`Classifier.classify`)."""
         return await self._classifier.classify(upload, support_set_id=support_set_id, labels=labels,
-                                               top_k=top_k, tenant=tenant)
+                                               top_k=top_k, tenant=tenant, text_weight=text_weight)
 
     # ------------------------------------------------------------------ operations
     def model_card(self) -> dict[str, Any]:

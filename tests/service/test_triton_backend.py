@@ -206,7 +206,8 @@ def scores(response: httpx.Response) -> dict[str, float]:
 
 
 async def run_requests(client: httpx.AsyncClient, videos: dict) -> tuple[str, dict[str, dict[str, float]]]:
-    """Register 3 classes x 2 shots, then classify shot 2 of each class few-shot, zero-shot and hybrid."""
+    """Register 3 classes x 2 shots, then classify shot 2 of each class few-shot, zero-shot and hybrid
+    (also with text_weight 0, 0.3 and 1)."""
     items = [(videos[c, s], LABELS[c]) for c in range(3) for s in range(2)]
     set_id = (await register(client, items))["id"]
     results = {}
@@ -215,6 +216,11 @@ async def run_requests(client: httpx.AsyncClient, videos: dict) -> tuple[str, di
         results[f"few-shot {c}"] = scores(await classify(client, query, support_set_id=set_id))
         results[f"zero-shot {c}"] = scores(await classify(client, query, labels=LABELS + ["juggle"]))
         results[f"hybrid {c}"] = scores(await classify(client, query, support_set_id=set_id, labels=["juggle"]))
+        for weight in ("0", "0.3", "1"):  # the request's text share, few-shot and hybrid
+            results[f"few-shot {c} text_weight={weight}"] = scores(
+                await classify(client, query, support_set_id=set_id, text_weight=weight))
+            results[f"hybrid {c} text_weight={weight}"] = scores(
+                await classify(client, query, support_set_id=set_id, labels=["juggle"], text_weight=weight))
     return set_id, results
 
 
