@@ -318,7 +318,7 @@ class Stack:
             self.triton.stop()
         if self.redis is not None:
             say("stopping Redis")
-            self.redis.stop(15.0)
+            self.redis.stop()
         say("stopped")
 
 

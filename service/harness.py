@@ -149,11 +149,28 @@ def _tail(text: str, lines: int) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+class _Child:
+    """A child process started with :func:`_spawn` (``proc``: None when not started or stopped)."""
+
+    proc: subprocess.Popen | None = None
+    #: How long :meth:`stop` waits after SIGTERM before it kills the process group.
+    stop_timeout_s = 20.0
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout_s: float | None = None) -> None:
+        """SIGTERM (graceful shutdown), then SIGKILL of its process group after ``timeout_s``
+        (default :attr:`stop_timeout_s`). Safe to repeat."""
+        proc, self.proc = self.proc, None
+        stop_process(proc, self.stop_timeout_s if timeout_s is None else timeout_s)
+
+
 class GatewayError(RuntimeError):
     """The gateway process exited or did not become ready; the message ends with its log tail."""
 
 
-class LiveGateway:
+class LiveGateway(_Child):
     """The gateway in a child process on ``host:port``, as a context manager: started and ready on
     enter, stopped (and its temporary log deleted) on exit.
 
@@ -209,7 +226,6 @@ class LiveGateway:
             os.close(fd)
             log_path = name
         self.log_path = Path(log_path)
-        self.proc: subprocess.Popen | None = None
         self.startup_s: float | None = None
 
     @property
@@ -275,14 +291,6 @@ class LiveGateway:
         self.launch()
         self.wait_ready(timeout_s)
         return self
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self, timeout_s: float = 20.0) -> None:
-        """SIGTERM (graceful shutdown), then SIGKILL of its process group after ``timeout_s``."""
-        proc, self.proc = self.proc, None
-        stop_process(proc, timeout_s)
 
     def kill(self) -> None:
         """SIGKILL the server process alone, as an OOM killer or a crashed host would."""
@@ -354,9 +362,10 @@ class RedisServerError(RuntimeError):
     """``redis-server`` is missing, exited, or did not answer in time."""
 
 
-class RedisServer:
+class RedisServer(_Child):
     """A private ``redis-server`` on ``127.0.0.1:port`` with its data in ``workdir``, as a context
-    manager. ``stop()`` and ``start()`` again reuse the port; ``kill()`` is a SIGKILL.
+    manager. ``stop()`` (SIGTERM: it writes its append-only file) and ``start()`` again reuse the
+    port; ``kill()`` is a SIGKILL.
 
     Args:
         workdir: its ``--dir`` (created).
@@ -375,7 +384,7 @@ class RedisServer:
         self.db = db
         self.binary = binary
         self.log_path = Path(log_path) if log_path is not None else None
-        self.proc: subprocess.Popen | None = None
+        self.stop_timeout_s = 15.0
 
     @property
     def url(self) -> str:
@@ -421,14 +430,6 @@ class RedisServer:
                 self.stop()
                 raise RedisServerError(f"redis-server did not answer on port {self.port} within {timeout_s:g} s.")
             time.sleep(0.05)
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self, timeout_s: float = 15.0) -> None:
-        """SIGTERM (it writes its append-only file), then SIGKILL of its group after ``timeout_s``."""
-        proc, self.proc = self.proc, None
-        stop_process(proc, timeout_s)
 
     def kill(self) -> None:
         """SIGKILL, as an OOM killer or a crashed host would."""
