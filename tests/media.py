@@ -39,7 +39,7 @@ import av
 import numpy as np
 from av.stream import Disposition
 
-from training.video.writer import write_video
+from training.video.writer import video_bytes, write_video
 
 NUM_BANDS = 16
 INDEX_BITS = 12
@@ -230,6 +230,22 @@ def make_video_bytes(suffix: str = ".mp4", **kwargs) -> bytes:
     """The bytes of a :func:`make_video` file with extension ``suffix`` (same keywords)."""
     with tempfile.TemporaryDirectory() as tmp:
         return make_video(Path(tmp) / f"clip{suffix}", **kwargs).read_bytes()
+
+
+#: The colours (RGB, 0..1) of the classes of :func:`class_video`.
+CLASS_COLOURS = [(1.0, 0.1, 0.1), (0.1, 0.9, 0.2), (0.1, 0.2, 1.0), (0.9, 0.9, 0.1)]
+
+
+def class_video(class_index: int, shot: int = 0, *, num_frames: int = 12) -> bytes:
+    """A real H.264 mp4 (64x48, 8 fps): the class's colour (:data:`CLASS_COLOURS`) blended with the
+    pattern of frame index ``100 * shot + i``, so each shot of a class is another video."""
+    colour = np.array(CLASS_COLOURS[class_index], dtype=np.float32)[None, None, :]
+
+    def frame(i: int) -> np.ndarray:
+        pattern = frame_pattern(100 * shot + i, 64, 48).astype(np.float32) / 255.0
+        return ((0.35 * pattern + 0.65 * colour) * 255).astype(np.uint8)
+
+    return video_bytes((frame(i) for i in range(num_frames)), fps=8)
 
 
 def make_gif(
