@@ -13,21 +13,27 @@ hybrid, and checks the answers:
   (the same w, 0 <= w <= 1, for every candidate);
 - the support set can be read back and deleted.
 
-Prints one line per check; exits 0 when all pass, 1 (with the reason) otherwise. Needs only httpx,
-numpy and av, not the fsar packages, so it can be pointed at any deployment.
+Prints one line per check; exits 0 when all pass, 1 (with the reason) otherwise. Needs httpx, numpy,
+av and this checkout's video writer (`training.video.writer`: PyAV and NumPy only), none of the
+service's dependencies, so it can be pointed at any deployment.
 """
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
-import av
 import httpx
 import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # run as a file: make the project's packages importable
+    sys.path.insert(0, str(REPO_ROOT))
+
+from training.video.writer import video_bytes  # noqa: E402
 
 CLASSES = ["open valve", "stand up", "wave hand"]
 EXTRA_LABEL = "juggle balls"  # a zero-shot-only candidate
@@ -50,19 +56,15 @@ def make_video(class_index: int, shot: int, *, frames: int = 16, width: int = 96
     rng = np.random.default_rng(1000 * class_index + shot)
     base = np.array(COLOURS[class_index], dtype=np.float32)
     dx, dy = [(1, 0), (0, 1), (-1, -1)][class_index]
-    buffer = io.BytesIO()
-    with av.open(buffer, "w", format="mp4") as output:
-        stream = output.add_stream("libx264", rate=8)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        for i in range(frames):
-            pixels = base + rng.normal(0, 12, size=(height, width, 3))
-            x = (width // 2 + dx * 3 * i + 5 * shot) % (width - 16)
-            y = (height // 2 + dy * 3 * i + 3 * shot) % (height - 16)
-            pixels[y:y + 16, x:x + 16] = 255
-            frame = av.VideoFrame.from_ndarray(np.clip(pixels, 0, 255).astype(np.uint8), format="rgb24")
-            output.mux(stream.encode(frame))
-        output.mux(stream.encode(None))
-    return buffer.getvalue()
+
+    def frame(i: int) -> np.ndarray:
+        pixels = base + rng.normal(0, 12, size=(height, width, 3))
+        x = (width // 2 + dx * 3 * i + 5 * shot) % (width - 16)
+        y = (height // 2 + dy * 3 * i + 3 * shot) % (height - 16)
+        pixels[y:y + 16, x:x + 16] = 255
+        return np.clip(pixels, 0, 255).astype(np.uint8)
+
+    return video_bytes((frame(i) for i in range(frames)), fps=8, codec="libx264", container="mp4")
 
 
 class Smoke:

@@ -26,11 +26,8 @@ import re
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -38,7 +35,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a file: make the project's packages importable
     sys.path.insert(0, str(REPO_ROOT))
 
-from service.triton_local import LocalTritonServer, parent_death_signal  # noqa: E402
+from service.harness import GatewayError, LiveGateway, RedisServer, RedisServerError  # noqa: E402
+from service.triton_local import LocalTritonServer  # noqa: E402
 
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 DEFAULT_STATE_DIR = REPO_ROOT / ".cache" / "stack"
@@ -128,39 +126,12 @@ def redis_command(compose_file: Path = COMPOSE_FILE) -> list[str]:
 
 
 # ====================================================================== helpers
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def check_port_free(port: int, what: str) -> None:
     with socket.socket() as sock:
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
             raise StackError(f"port {port} for the {what} is in use; choose another with --port") from None
-
-
-def alive(proc: subprocess.Popen | None) -> bool:
-    return proc is not None and proc.poll() is None
-
-
-def stop_process(proc: subprocess.Popen | None, timeout_s: float = 15.0) -> None:
-    """SIGTERM the process (a session leader), wait, then SIGKILL whatever is left of its group."""
-    if proc is None:
-        return
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # children (uvicorn workers) left behind, if any
-    except (ProcessLookupError, PermissionError):
-        pass
-    proc.wait()
 
 
 def log_tail(path: Path, lines: int = 20) -> str:
@@ -221,10 +192,10 @@ class Stack:
         self.state_dir = Path(args.state_dir).resolve()
         self.compose_file = Path(args.compose_file).resolve()
         self.port = args.port
-        self.redis_port = args.redis_port or free_port()
-        self.redis: subprocess.Popen | None = None
+        self.redis: RedisServer | None = None
         self.triton: LocalTritonServer | None = None
-        self.gateway: subprocess.Popen | None = None
+        self.gateway: LiveGateway | None = None
+        self.redis_port = args.redis_port
         self.stopping = False
 
     @property
@@ -233,7 +204,8 @@ class Stack:
 
     @property
     def redis_url(self) -> str:
-        return f"redis://127.0.0.1:{self.redis_port}/0"
+        assert self.redis is not None
+        return self.redis.url
 
     def log(self, name: str) -> Path:
         return self.state_dir / f"{name}.log"
@@ -249,38 +221,15 @@ class Stack:
         self.start_gateway(env, demo=is_demo)
         self.wait_ready()
 
-    def _spawn(self, command: list[str], log_name: str, env: Mapping[str, str] | None = None) -> subprocess.Popen:
-        """A child in its own session (we stop it; Ctrl-C reaches only us) that dies with this process."""
-        with open(self.log(log_name), "ab") as log:
-            return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    cwd=str(REPO_ROOT), env=dict(env) if env is not None else None,
-                                    start_new_session=True, preexec_fn=parent_death_signal())
-
     def start_redis(self) -> None:
         command = redis_command(self.compose_file)
-        binary = shutil.which(command[0])
-        if binary is None:
-            raise StackError(f"{command[0]} is not installed (Debian: apt-get install redis-server)")
-        data_dir = self.state_dir / "redis"
-        data_dir.mkdir(parents=True, exist_ok=True)
-        command = [binary, *command[1:], "--port", str(self.redis_port), "--bind", "127.0.0.1",
-                   "--protected-mode", "yes", "--dir", str(data_dir)]
-        say(f"starting Redis on 127.0.0.1:{self.redis_port} ({' '.join(command[1:])})")
-        self.redis = self._spawn(command, "redis")
-        deadline = time.monotonic() + 15
-        while True:
-            if not alive(self.redis):
-                raise StackError(f"redis-server exited with code {self.redis.returncode}:\n{log_tail(self.log('redis'))}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.redis_port), timeout=1) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(64).startswith(b"+PONG"):
-                        return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise StackError(f"redis-server did not answer on port {self.redis_port} within 15 s")
-            time.sleep(0.1)
+        self.redis = RedisServer(self.state_dir / "redis", port=self.redis_port or None, args=command[1:],
+                                 binary=command[0], log_path=self.log("redis"))
+        say(f"starting Redis on 127.0.0.1:{self.redis.port} ({' '.join(self.redis.command[1:])})")
+        try:
+            self.redis.start()
+        except RedisServerError as err:
+            raise StackError(str(err)) from None
 
     def start_triton(self, checkpoint: Path) -> None:
         from training.export import export_repository
@@ -298,8 +247,7 @@ class Stack:
         say(f"Triton ready in {self.triton.startup_s:.1f} s")
 
     def start_gateway(self, compose_env: Mapping[str, str], demo: bool) -> None:
-        env = {key: value for key, value in os.environ.items() if not key.startswith("FSAR_")}
-        env.update(compose_env)
+        env = dict(compose_env)
         assert self.triton is not None
         env.update({
             "FSAR_HOST": "127.0.0.1",
@@ -313,31 +261,22 @@ class Stack:
         shown = {key: value for key, value in sorted(env.items()) if key.startswith("FSAR_")}
         say("starting the gateway: fsar serve --backend triton with " + " ".join(f"{k}={v}" for k, v in shown.items()))
         command = [sys.executable, "-m", "service.cli", "serve", "--backend", "triton"]
-        self.gateway = self._spawn(command, "gateway", env)
+        self.gateway = LiveGateway(port=self.port, env=env, command=command, log_path=self.log("gateway"),
+                                   cwd=REPO_ROOT, ready_timeout_s=self.args.ready_timeout).launch()
 
     def wait_ready(self) -> None:
-        deadline = time.monotonic() + self.args.ready_timeout
-        last = "no answer yet"
-        while True:
-            self.check_alive()
-            try:
-                with urllib.request.urlopen(f"{self.url}/readyz", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except urllib.error.HTTPError as err:
-                last = f"/readyz {err.code}: {err.read()[:300].decode(errors='replace')}"
-            except (urllib.error.URLError, OSError) as err:
-                last = str(err)
-            if time.monotonic() > deadline:
-                raise StackError(f"the gateway was not ready within {self.args.ready_timeout:g} s ({last}); "
-                                 f"its log:\n{log_tail(self.log('gateway'))}")
-            time.sleep(0.2)
+        assert self.gateway is not None
+        try:
+            self.gateway.wait_ready(check=self.check_alive)
+        except GatewayError as err:
+            raise StackError(str(err)) from None
 
     def check_alive(self) -> None:
         """Raise when one of the three processes has died."""
-        for name, proc, log in (("Redis", self.redis, "redis"), ("the gateway", self.gateway, "gateway")):
-            if proc is not None and proc.poll() is not None:
-                raise StackError(f"{name} exited with code {proc.returncode}; its log:\n{log_tail(self.log(log))}")
+        for name, child, log in (("Redis", self.redis, "redis"), ("the gateway", self.gateway, "gateway")):
+            if child is not None and child.proc is not None and not child.alive():
+                raise StackError(f"{name} exited with code {child.proc.returncode}; its log:\n"
+                                 f"{log_tail(self.log(log))}")
         if self.triton is not None and not self.triton.running:
             raise StackError(f"Triton exited; its log:\n{self.triton.log_tail()}")
 
@@ -345,12 +284,12 @@ class Stack:
     def describe(self) -> dict[str, Any]:
         triton = self.triton
         return {
-            "gateway": {"url": self.url, "pid": self.gateway.pid if self.gateway else None,
+            "gateway": {"url": self.url, "pid": self.gateway.proc.pid if self.gateway and self.gateway.proc else None,
                         "log": str(self.log("gateway"))},
             "triton": {"grpc": triton.grpc_url if triton else None, "http": triton.http_url if triton else None,
                        "metrics": triton.metrics_url if triton else None, "pid": triton.pid if triton else None,
                        "log": str(self.log("triton"))},
-            "redis": {"url": self.redis_url, "pid": self.redis.pid if self.redis else None,
+            "redis": {"url": self.redis_url, "pid": self.redis.proc.pid if self.redis and self.redis.proc else None,
                       "data": str(self.state_dir / "redis"), "log": str(self.log("redis"))},
             "state_dir": str(self.state_dir),
         }
@@ -373,13 +312,13 @@ class Stack:
         self.stopping = True
         if self.gateway is not None:
             say("stopping the gateway")
-            stop_process(self.gateway)
+            self.gateway.stop(15.0)
         if self.triton is not None:
             say("stopping Triton")
             self.triton.stop()
         if self.redis is not None:
             say("stopping Redis")
-            stop_process(self.redis)
+            self.redis.stop()
         say("stopped")
 
 

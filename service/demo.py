@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,12 +37,6 @@ class DemoResult:
     @property
     def few_shot_correct(self) -> int:
         return sum(1 for s in self.samples if s["few_shot"][0]["label"] == s["true_label"])
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def ensure_dataset(data_dir: Path, say: Callable[[str], None]) -> Path:
@@ -96,37 +88,6 @@ def _split_videos(data_dir: Path, split: str) -> Dict[str, List[Path]]:
     return by_class
 
 
-class _BackgroundServer:
-    """uvicorn in a thread of this process, so the demo can talk to it and keep it running."""
-
-    def __init__(self, app: Any, host: str, port: int) -> None:
-        import uvicorn
-
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                                    lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, name="fsar-demo-server", daemon=True)
-
-    def start(self, url: str, timeout_s: float = 120.0) -> None:
-        import httpx
-
-        self.thread.start()
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if not self.thread.is_alive():
-                raise RuntimeError("the demo server stopped during start-up (see the log above)")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"the demo server was not ready after {timeout_s:.0f} s")
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=15)
-
-
 def _curl_lines(url: str, set_id: str, sample: Path, labels: List[str]) -> List[str]:
     label_args = " ".join(f"-F 'labels={label}'" for label in labels)
     return [
@@ -159,7 +120,7 @@ def run_demo(workdir: Path = DEFAULT_WORKDIR, host: str = "127.0.0.1", port: Opt
     """
     import httpx
 
-    from service.api import create_app
+    from service.harness import LiveGateway
     from service.settings import Settings
 
     workdir = Path(workdir)
@@ -167,13 +128,13 @@ def run_demo(workdir: Path = DEFAULT_WORKDIR, host: str = "127.0.0.1", port: Opt
     checkpoint, trained_now = ensure_checkpoint(data_dir, workdir / "demo", say, max_steps=max_steps,
                                                 retrain=retrain, overrides=overrides)
 
-    port = port or _free_port(host)
-    url = f"http://{host}:{port}"
-    settings = Settings(host=host, port=port, checkpoint=str(checkpoint), backend="embedded", demo=True,
-                        redis_url=None)
-    server = _BackgroundServer(create_app(settings), host, port)
-    say(f"gateway: starting the embedded backend on {url} (demo model, in-process store)")
-    server.start(url)
+    settings = Settings(checkpoint=str(checkpoint.resolve()), backend="embedded", demo=True, redis_url=None,
+                        log_level="warning")
+    server = LiveGateway(settings, host=host, port=port or None, log_path=workdir / "demo-gateway.log",
+                         ready_timeout_s=120.0)
+    url = server.url
+    say(f"gateway: starting the embedded backend on {url} (demo model, in-process store; log {server.log_path})")
+    server.start()
     try:
         by_class = _split_videos(data_dir, "test")
         label_texts = json.loads((data_dir / "labels.json").read_text())
@@ -234,8 +195,8 @@ def run_demo(workdir: Path = DEFAULT_WORKDIR, host: str = "127.0.0.1", port: Opt
             say("")
             say(f"serving on {url}; Ctrl-C to stop")
             try:
-                while server.thread.is_alive():
-                    server.thread.join(timeout=0.5)
+                while server.alive():
+                    time.sleep(0.5)
             except KeyboardInterrupt:
                 say("stopping")
         return result

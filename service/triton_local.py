@@ -21,16 +21,12 @@ cache folder and prepares two things the bundled server needs to run our Python-
 """
 from __future__ import annotations
 
-import ctypes
 import logging
 import fcntl
-import functools
 import os
 import platform
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -43,7 +39,9 @@ import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Iterator, Mapping, Optional, Sequence, Union
+
+from service.procs import free_port, kill_process_group, parent_death_signal, stop_process, wait_group_gone
 
 PYTRITON_VERSION = "0.7.0"
 TRITON_VERSION = "2.51.0"
@@ -273,44 +271,6 @@ def default_sys_path() -> list[str]:
     return folders + [str(_REPO_ROOT)]
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def parent_death_signal() -> Callable[[], None]:
-    """A ``preexec_fn`` that asks the kernel to SIGKILL the child when the starting thread dies.
-
-    ``prctl`` is looked up here, in the parent, so the forked child only makes the call (no
-    ``dlopen`` between fork and exec, which could deadlock in a multi-threaded parent).
-    """
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    pr_set_pdeathsig = 1
-    return functools.partial(prctl, pr_set_pdeathsig, int(signal.SIGKILL))
-
-
-def _kill_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _wait_group_gone(pgid: int, timeout_s: float = 10.0) -> bool:
-    """Wait until no process of group ``pgid`` is left (killed stubs are reaped asynchronously)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        time.sleep(0.05)
-    return False
-
-
 class LocalTritonServer:
     """A ``tritonserver`` process on loopback ports, as a context manager.
 
@@ -438,9 +398,9 @@ class LocalTritonServer:
         attempts = 3
         for attempt in range(attempts):
             http_port, grpc_port, metrics_port = self._fixed_ports
-            self.http_port = http_port or _free_port()
-            self.grpc_port = grpc_port or _free_port()
-            self.metrics_port = metrics_port or _free_port()
+            self.http_port = http_port or free_port()
+            self.grpc_port = grpc_port or free_port()
+            self.metrics_port = metrics_port or free_port()
             try:
                 self._launch(dist)
                 return self
@@ -471,7 +431,7 @@ class LocalTritonServer:
             )
         pgid = self._proc.pid
         # Runs when this object is collected or, at the latest, when the interpreter exits.
-        self._finalizer = weakref.finalize(self, _kill_group, pgid)
+        self._finalizer = weakref.finalize(self, kill_process_group, pgid)
         try:
             self._wait_ready(started)
         except BaseException:
@@ -507,15 +467,8 @@ class LocalTritonServer:
         proc, self._proc = self._proc, None
         if proc is None:
             return
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                pass
-        _kill_group(proc.pid)  # the leader if still alive, and any stub left behind
-        proc.wait()
-        if not _wait_group_gone(proc.pid):
+        stop_process(proc, timeout_s)  # the leader, and any stub left behind
+        if not wait_group_gone(proc.pid):
             log.warning("processes of the Triton server's group %d were still alive after stop()", proc.pid)
         if self._finalizer is not None:
             self._finalizer.detach()

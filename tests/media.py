@@ -32,13 +32,14 @@ import io
 import os
 import tempfile
 from collections.abc import Sequence
-from fractions import Fraction
 from pathlib import Path
 from typing import BinaryIO
 
 import av
 import numpy as np
 from av.stream import Disposition
+
+from training.video.writer import video_bytes, write_video
 
 NUM_BANDS = 16
 INDEX_BITS = 12
@@ -182,49 +183,30 @@ def make_video(
     quarter_turns = 0 if rotation is None else round(rotation / 90) % 4
     if rotation is not None and rotation % 90:
         raise ValueError("rotation must be a multiple of 90 degrees")
-    stored_width, stored_height = (height, width) if quarter_turns % 2 else (width, height)
 
     format_name = container or _FORMAT_BY_SUFFIX.get(path.suffix.lower())
-    container_options = {"movflags": "+faststart"} if faststart else {}
-    rate = Fraction(fps).limit_denominator(1001)
+    if codec == "libx264":
+        keyint = gop or 250
+        options: dict[str, str] | None = {"x264-params": f"keyint={keyint}:min-keyint={keyint}:scenecut=0"}
+    elif codec.startswith("libvpx"):
+        # Fast enough for tests; keyint_min = gop makes the keyframe spacing exact.
+        options = {"deadline": "realtime", "cpu-used": "8", "lag-in-frames": "0"}
+        if gop is not None:
+            options["keyint_min"] = str(gop)
+    else:
+        options = None
+    frames = (np.rot90(frame_pattern(first_index + i, width, height), k=-quarter_turns) for i in range(num_frames))
     with contextlib.ExitStack() as stack:
         if live:
             if format_name is None:
                 raise ValueError(f"live writing needs a container name for {path.name}")
-            target: str | _NonSeekableSink = _NonSeekableSink(stack.enter_context(open(path, "wb")))
+            target: Path | _NonSeekableSink = _NonSeekableSink(stack.enter_context(open(path, "wb")))
         else:
-            target = str(path)
-        output = stack.enter_context(av.open(target, "w", format=format_name, options=container_options))
-        stream = output.add_stream(codec, rate=rate)
-        stream.width, stream.height = stored_width, stored_height
-        stream.pix_fmt = pix_fmt or _DEFAULT_PIX_FMT.get(codec, "yuv420p")
-        if gop is not None:
-            stream.codec_context.gop_size = gop
-        if codec == "libx264":
-            keyint = gop or 250
-            stream.options = {"x264-params": f"keyint={keyint}:min-keyint={keyint}:scenecut=0"}
-        elif codec.startswith("libvpx"):
-            # Fast enough for tests; keyint_min = gop makes the keyframe spacing exact.
-            vpx_options = {"deadline": "realtime", "cpu-used": "8", "lag-in-frames": "0"}
-            if gop is not None:
-                vpx_options["keyint_min"] = str(gop)
-            stream.options = vpx_options
-        if vfr_timestamps is not None:
-            time_base = Fraction(1, 1000)
-            stream.codec_context.time_base = time_base
-            pts_list = [round(t * 1000) for t in vfr_timestamps]
-        else:
-            time_base = 1 / rate
-            pts_list = list(range(num_frames))
-        if quarter_turns:
-            stream.set_display_rotation(rotation)
-        for i, pts in enumerate(pts_list):
-            upright = frame_pattern(first_index + i, width, height)
-            stored = np.ascontiguousarray(np.rot90(upright, k=-quarter_turns))
-            frame = av.VideoFrame.from_ndarray(stored, format="rgb24")
-            frame.pts, frame.time_base = pts, time_base
-            output.mux(stream.encode(frame))
-        output.mux(stream.encode(None))
+            target = path
+        write_video(target, frames, fps=fps, codec=codec, container=format_name,
+                    pix_fmt=pix_fmt or _DEFAULT_PIX_FMT.get(codec, "yuv420p"), options=options,
+                    container_options={"movflags": "+faststart"} if faststart else None, gop=gop,
+                    timestamps=vfr_timestamps, rotation=rotation if quarter_turns else None)
     return path
 
 
@@ -250,6 +232,22 @@ def make_video_bytes(suffix: str = ".mp4", **kwargs) -> bytes:
         return make_video(Path(tmp) / f"clip{suffix}", **kwargs).read_bytes()
 
 
+#: The colours (RGB, 0..1) of the classes of :func:`class_video`.
+CLASS_COLOURS = [(1.0, 0.1, 0.1), (0.1, 0.9, 0.2), (0.1, 0.2, 1.0), (0.9, 0.9, 0.1)]
+
+
+def class_video(class_index: int, shot: int = 0, *, num_frames: int = 12) -> bytes:
+    """A real H.264 mp4 (64x48, 8 fps): the class's colour (:data:`CLASS_COLOURS`) blended with the
+    pattern of frame index ``100 * shot + i``, so each shot of a class is another video."""
+    colour = np.array(CLASS_COLOURS[class_index], dtype=np.float32)[None, None, :]
+
+    def frame(i: int) -> np.ndarray:
+        pattern = frame_pattern(100 * shot + i, 64, 48).astype(np.float32) / 255.0
+        return ((0.35 * pattern + 0.65 * colour) * 255).astype(np.uint8)
+
+    return video_bytes((frame(i) for i in range(num_frames)), fps=8)
+
+
 def make_gif(
     path: str | os.PathLike, *, num_frames: int = 16, fps: float = 10, size: tuple[int, int] = (64, 48)
 ) -> Path:
@@ -261,12 +259,7 @@ def make_png(path: str | os.PathLike, *, size: tuple[int, int] = (64, 48), index
     """A still PNG image showing the pattern of frame ``index``."""
     path = Path(path)
     width, height = size
-    with av.open(str(path), "w", format="image2") as output:
-        stream = output.add_stream("png")
-        stream.width, stream.height, stream.pix_fmt = width, height, "rgb24"
-        frame = av.VideoFrame.from_ndarray(frame_pattern(index, width, height), format="rgb24")
-        output.mux(stream.encode(frame))
-        output.mux(stream.encode(None))
+    write_video(path, [frame_pattern(index, width, height)], fps=24, codec="png", container="image2", pix_fmt="rgb24")
     return path
 
 

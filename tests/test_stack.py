@@ -7,7 +7,6 @@ import json
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,28 +16,12 @@ from typing import Iterator
 
 import pytest
 
+from service.harness import free_port, group_alive, kill_process_group
 from tests.triton_util import require_triton_platform
 
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 150  # a tiny checkpoint, its export and three Triton models on 2 busy cores
 pytestmark = pytest.mark.timeout(START_TIMEOUT_S + 120)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def group_alive(pgid: int) -> bool:
-    """Whether any process of the group `pgid` still exists (each stack process leads its own group)."""
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Output:
@@ -83,7 +66,7 @@ def stack_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen, Output, Pa
         yield proc, Output(proc), state_dir
     finally:
         if proc.poll() is None:  # the test failed midway: its children die with it (parent-death signal)
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_process_group(proc.pid)
             proc.wait()
 
 

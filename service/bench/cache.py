@@ -35,24 +35,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from service.bench.common import (
-    NUM_FRAMES,
-    BenchRequestError,
-    GatewayProcess,
-    classify,
-    format_table,
-    gateway_settings,
-    machine_info,
-    percentiles_ms,
-    ratio,
-    register_support_set,
-    retagged,
-    scenario_clips,
-    scrape,
-    stage_deltas,
-    write_report,
-)
-from service.bench.e2e import AUTO, WARMUP, default_backbone, resolve_redis
+from service.bench import common
+from service.bench.common import NUM_FRAMES, WARMUP, BenchRequestError, classify, retagged, scrape
+from service.harness import LiveGateway
 
 TARGET_HIT_SPEEDUP = 10.0
 
@@ -66,18 +51,18 @@ async def _timed_row(client: Any, name: str, repeats: int, call: Callable[[int],
     """Run ``call(i)`` (returns its seconds) ``repeats`` times; the row with the metrics it added."""
     before = await scrape(client)
     seconds = [await call(i) for i in range(repeats)]
-    deltas = stage_deltas(before, await scrape(client), repeats)
-    return {"row": name, "requests": repeats, **percentiles_ms(seconds),
+    deltas = common.stage_deltas(before, await scrape(client), repeats)
+    return {"row": name, "requests": repeats, **common.percentiles_ms(seconds),
             **{key: deltas[key] for key in ("decode_ms", "encode_ms", "match_ms", "store_ms")},
             "counters": {key: value for key, value in deltas.items() if not key.endswith("_ms")}}
 
 
-async def _measure(gateway: GatewayProcess, clips, repeats: int, run_tag: str) -> dict[str, Any]:
+async def _measure(gateway: LiveGateway, clips, repeats: int, run_tag: str) -> dict[str, Any]:
     import httpx
 
     async with httpx.AsyncClient(base_url=gateway.url, timeout=900) as client:
         model = (await client.get("/model")).json()
-        set_id, _ = await register_support_set(client, clips.support)
+        set_id, _ = await common.register_support_set(client, clips.support)
         for i in range(WARMUP):
             await classify(client, retagged(clips.queries[i % len(clips.queries)], f"{run_tag}-warmup{i}"), set_id)
 
@@ -104,7 +89,7 @@ async def _measure(gateway: GatewayProcess, clips, repeats: int, run_tag: str) -
                 support = [retagged(data, f"{run_tag}-support-{i}") for data in clips.support]
             tag = "rereg-new" if new_bytes else "rereg-same"
             question = query(tag, i)
-            new_set, register_s = await register_support_set(client, support)
+            new_set, register_s = await common.register_support_set(client, support)
             _, classify_s = await classify(client, question, new_set)
             created.append(new_set)
             return register_s + classify_s
@@ -126,7 +111,7 @@ async def _measure(gateway: GatewayProcess, clips, repeats: int, run_tag: str) -
 
 
 def run(quick: bool = False, json_path: str | None = None, *, backbone: str | None = None,
-        repeats: int | None = None, workdir: str | None = None, redis_url: str | None = AUTO) -> dict[str, Any]:
+        repeats: int | None = None, workdir: str | None = None, redis_url: str | None = common.AUTO) -> dict[str, Any]:
     """Run the benchmark, print its table, write the JSON report when ``json_path`` is given.
 
     Args:
@@ -140,19 +125,18 @@ def run(quick: bool = False, json_path: str | None = None, *, backbone: str | No
     Returns:
         The report (see the module docstring).
     """
-    backbone = backbone or default_backbone(quick)
+    backbone = backbone or common.default_backbone(quick)
     repeats = repeats or default_repeats(quick)
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    machine = machine_info()
-    clips = scenario_clips(quick, workdir)
-    settings = gateway_settings(backbone, redis_url=resolve_redis(redis_url))
-    with GatewayProcess(settings) as gateway:
+    bench = common.prepare_gateway_bench(quick, workdir, backbone, redis_url)
+    machine, clips, settings = bench.machine, bench.clips, bench.settings
+    with common.running_gateway(settings) as gateway:
         measured = asyncio.run(_measure(gateway, clips, repeats, f"cache-{time.time_ns()}"))
     machine["load_avg_end"] = [round(value, 2) for value in os.getloadavg()]
     comparisons = [{"name": name, "ours": ours, "baseline": baseline,
-                    "speedup_vs_baseline": ratio(baseline["p50_ms"], ours["p50_ms"]),
-                    "mean_speedup_vs_baseline": ratio(baseline["mean_ms"], ours["mean_ms"])}
+                    "speedup_vs_baseline": common.ratio(baseline["p50_ms"], ours["p50_ms"]),
+                    "mean_speedup_vs_baseline": common.ratio(baseline["mean_ms"], ours["mean_ms"])}
                    for name, ours, baseline in measured["pairs"]]
     hit_speedup = comparisons[0]["speedup_vs_baseline"]
     report = {
@@ -168,7 +152,7 @@ def run(quick: bool = False, json_path: str | None = None, *, backbone: str | No
             "met": hit_speedup is not None and hit_speedup >= TARGET_HIT_SPEEDUP}},
     }
     print(format_report(report))
-    write_report(json_path, report)
+    common.write_report(json_path, report)
     return report
 
 
@@ -189,24 +173,18 @@ def format_report(report: dict[str, Any]) -> str:
             row["speedup_vs_baseline"] = comparison["speedup_vs_baseline"] if role == "ours" else None
             rows.append(row)
     target = report["targets"]["query_cache_hit_speedup"]
-    return "\n".join([format_table(rows, COLUMNS), "",
+    return "\n".join([common.format_table(rows, COLUMNS), "",
                       f"target query_cache_hit_speedup: {target['value']} (want {target['target']}) -> "
                       f"{'met' if target['met'] else 'MISSED'}"])
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny clips, fsar-tiny, 3 requests a row")
-    parser.add_argument("--json", dest="json_path", help="write the report here")
-    parser.add_argument("--backbone", help="open_clip model (default: fsar-tiny quick, ViT-B-32 full)")
+    common.add_gateway_arguments(parser, "tiny clips, fsar-tiny, 3 requests a row")
     parser.add_argument("--repeats", type=int, help="timed requests per row")
-    parser.add_argument("--workdir", help="where generated clips are cached")
-    parser.add_argument("--redis-url", default=AUTO,
-                        help="gateway store: 'auto' (local Redis if any), a URL, or 'none'")
     args = parser.parse_args(argv)
-    redis_url = None if args.redis_url.lower() == "none" else args.redis_url
     run(quick=args.quick, json_path=args.json_path, backbone=args.backbone, repeats=args.repeats,
-        workdir=args.workdir, redis_url=redis_url)
+        workdir=args.workdir, redis_url=common.redis_url_argument(args.redis_url))
 
 
 if __name__ == "__main__":

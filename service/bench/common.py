@@ -8,26 +8,25 @@
   (``service.bench.decode.make_clip``: a panning texture, moving blocks, light noise) and distinct byte
   strings of the same clip (a remux with a different metadata tag: same packets, same decode cost,
   another sha256, so the gateway's query cache cannot answer it);
-- :class:`GatewayProcess`: the gateway as a real uvicorn process (``service.server.serve``) on a
-  free loopback port, with the RSS and peak RSS of it and its children (decode workers) read from
-  ``/proc/<pid>/status``;
+- :func:`prepare_gateway_bench` / :func:`running_gateway` / :func:`add_gateway_arguments`: the set-up
+  the gateway benchmarks share: machine facts, clips and settings, then the gateway as a real uvicorn
+  process (:class:`service.harness.LiveGateway`, whose memory and CPU readings cover its decode
+  workers too), and their common command-line options;
 - :func:`parse_metrics` / :func:`stage_deltas`: ``GET /metrics`` text to numbers, and what a run
   added to each stage histogram and counter.
 """
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import io
 import json
 import os
 import platform
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,10 +36,10 @@ import numpy as np
 
 from service.bench.decode import ClipSpec, make_clip
 from service.bench.decode import machine_info as decode_machine_info
+from service.harness import LiveGateway, delete_redis_prefix
 
 LABELS = ("open valve", "stand up", "wave hand", "sit down", "pick up box")
 NUM_FRAMES = 8
-REPO_ROOT = Path(__file__).resolve().parents[1]
 Samples = dict[tuple[str, frozenset], float]
 
 
@@ -186,10 +185,13 @@ def retagged(data: bytes, tag: str) -> bytes:
 
 
 # ----------------------------------------------------------------------------------- the gateway
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+AUTO = "auto"
+WARMUP = 3
+
+
+def default_backbone(quick: bool) -> str:
+    """``fsar-tiny`` (64 px) for a quick run, ``ViT-B-32`` (224 px) for a full one."""
+    return "fsar-tiny" if quick else "ViT-B-32"
 
 
 def local_redis_url(db: int = 12) -> str | None:
@@ -207,177 +209,68 @@ def local_redis_url(db: int = 12) -> str | None:
         return None
 
 
-def delete_redis_prefix(redis_url: str, prefix: str) -> int:
-    """Delete every key under ``prefix`` in ``redis_url`` (this run's keys only); how many."""
-    import redis
-
-    client = redis.Redis.from_url(redis_url)
-    try:
-        keys = list(client.scan_iter(match=prefix + "*", count=1000))
-        for start in range(0, len(keys), 500):
-            client.delete(*keys[start:start + 500])
-        return len(keys)
-    finally:
-        client.close()
+def resolve_redis(redis_url: str | None) -> str | None:
+    """``"auto"``: the local Redis (db 12) when one answers, else None (in-process store)."""
+    return local_redis_url() if redis_url == AUTO else redis_url
 
 
 def gateway_settings(backbone: str, *, redis_url: str | None, **overrides: Any):
     """Settings for a benchmark gateway: ``backbone`` with random weights (``pretrained=None``,
-    seed 0, demo mode), 8 frames, warnings-only logs, a free port, and this run's own Redis prefix."""
+    seed 0, demo mode), 8 frames, warnings-only logs and this run's own Redis prefix (the port is
+    picked by :func:`running_gateway`)."""
     from service.settings import Settings
 
     values = dict(backbone=backbone, pretrained=None, num_frames=NUM_FRAMES, demo=True, log_level="warning",
-                  port=free_port(), redis_url=redis_url, redis_prefix=f"fsarbench:{uuid.uuid4().hex[:12]}:")
+                  redis_url=redis_url, redis_prefix=f"fsarbench:{uuid.uuid4().hex[:12]}:")
     values.update(overrides)
     return Settings(**values)
 
 
-class GatewayError(RuntimeError):
-    """The gateway process exited or did not become ready; the message ends with its log tail."""
+@dataclass(frozen=True)
+class GatewayBench:
+    """What a gateway benchmark run starts from: the machine facts (taken first), the clips and the
+    gateway's settings."""
+
+    machine: dict[str, Any]
+    clips: ScenarioClips
+    settings: Any
 
 
-class GatewayProcess:
-    """``service.server.serve(settings)`` in a child process (one uvicorn worker: the child's pid is
-    the server's), as a context manager: started and ready on enter, stopped on exit. The child's
-    environment has no ``FSAR_*`` variables, so only ``settings`` count. Redis keys under the
-    settings' prefix are deleted on exit."""
-
-    def __init__(self, settings: Any, ready_timeout_s: float = 300.0) -> None:
-        if settings.workers != 1:
-            raise ValueError("GatewayProcess runs one worker (RSS is read from its single process)")
-        self.settings = settings
-        self.ready_timeout_s = ready_timeout_s
-        self.url = f"http://127.0.0.1:{settings.port}"
-        self._log = tempfile.NamedTemporaryFile(prefix="fsar-gateway-", suffix=".log", delete=False)
-        self.proc: subprocess.Popen | None = None
-        self.startup_s: float | None = None
-
-    @property
-    def pid(self) -> int:
-        if self.proc is None:
-            raise GatewayError("the gateway is not running")
-        return self.proc.pid
-
-    def start(self) -> GatewayProcess:
-        import httpx
-
-        script = ("from service.server import serve; from service.settings import Settings; "
-                  f"serve(Settings.model_validate_json({self.settings.model_dump_json()!r}))")
-        env = {key: value for key, value in os.environ.items() if not key.startswith("FSAR_")}
-        started = time.monotonic()
-        self.proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO_ROOT, env=env,
-                                     stdout=self._log, stderr=subprocess.STDOUT)
-        while time.monotonic() - started < self.ready_timeout_s:
-            if self.proc.poll() is not None:
-                raise GatewayError(f"the gateway exited with code {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    self.startup_s = time.monotonic() - started
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise GatewayError(f"the gateway was not ready within {self.ready_timeout_s:.0f} s:\n{self.log_tail()}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self.proc = None
-        if self.settings.redis_url:
-            delete_redis_prefix(self.settings.redis_url, self.settings.redis_prefix)
-
-    def __enter__(self) -> GatewayProcess:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-        self._log.close()
-        Path(self._log.name).unlink(missing_ok=True)
-
-    def log_tail(self, lines: int = 30) -> str:
-        self._log.flush()
-        return "\n".join(Path(self._log.name).read_text(errors="replace").splitlines()[-lines:])
-
-    def memory(self) -> dict[str, int]:
-        """Memory of the server process and its children (decode workers): ``rss_bytes`` (sum of
-        ``VmRSS``), ``peak_rss_bytes`` (sum of each process's ``VmHWM``: an upper bound of the
-        tree's peak, since processes peak at different times) and ``processes``."""
-        return process_tree_memory(self.pid)
-
-    def cpu_seconds(self) -> float:
-        """CPU seconds used so far by the server process and its children."""
-        return process_tree_cpu_seconds(self.pid)
-
-    def reset_peak(self) -> None:
-        """Restart the peak-RSS count (``VmHWM``) of every process of the tree from its current RSS
-        (Linux ``clear_refs`` 5)."""
-        for pid in process_tree(self.pid):
-            try:
-                Path(f"/proc/{pid}/clear_refs").write_text("5")
-            except OSError:  # the process ended meanwhile
-                pass
+def prepare_gateway_bench(quick: bool, workdir: str | os.PathLike | None, backbone: str,
+                          redis_url: str | None, **overrides: Any) -> GatewayBench:
+    """:func:`machine_info`, then :func:`scenario_clips` and :func:`gateway_settings` (``redis_url``
+    through :func:`resolve_redis`)."""
+    machine = machine_info()
+    clips = scenario_clips(quick, workdir)
+    return GatewayBench(machine, clips, gateway_settings(backbone, redis_url=resolve_redis(redis_url), **overrides))
 
 
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and all its descendants (from ``/proc/*/stat``)."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])  # field 4: ppid
-    tree, frontier = [pid], [pid]
-    while frontier:
-        children = [child for child, parent in parents.items() if parent in frontier]
-        tree += children
-        frontier = children
-    return tree
+@contextmanager
+def running_gateway(settings: Any, ready_timeout_s: float = 300.0) -> Iterator[LiveGateway]:
+    """``settings`` served by a :class:`service.harness.LiveGateway` (one uvicorn worker on a free
+    loopback port, log in a temporary file); Redis keys under the settings' prefix are deleted after."""
+    try:
+        with LiveGateway(settings, ready_timeout_s=ready_timeout_s) as gateway:
+            yield gateway
+    finally:
+        if settings.redis_url:
+            delete_redis_prefix(settings.redis_url, settings.redis_prefix)
 
 
-def process_memory(pid: int) -> dict[str, int]:
-    """``{"rss_bytes", "peak_rss_bytes"}`` of one process from ``/proc/<pid>/status``."""
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        name, _, value = line.partition(":")
-        if name in ("VmRSS", "VmHWM"):
-            fields[name] = int(value.split()[0]) * 1024  # kB
-    return {"rss_bytes": fields["VmRSS"], "peak_rss_bytes": fields["VmHWM"]}
+def add_gateway_arguments(parser: argparse.ArgumentParser, quick_help: str) -> None:
+    """The options every gateway benchmark takes: ``--quick``, ``--json``, ``--backbone``,
+    ``--workdir`` and ``--redis-url`` (read it with :func:`redis_url_argument`)."""
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--json", dest="json_path", help="write the report here")
+    parser.add_argument("--backbone", help="open_clip model (default: fsar-tiny quick, ViT-B-32 full)")
+    parser.add_argument("--workdir", help="where generated clips are cached")
+    parser.add_argument("--redis-url", default=AUTO,
+                        help="gateway store: 'auto' (local Redis if any), a URL, or 'none'")
 
 
-def process_tree_cpu_seconds(pid: int) -> float:
-    """CPU seconds (user + system) used so far by ``pid`` and its live descendants, including
-    children they have reaped (``/proc/<pid>/stat`` fields 14-17)."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for member in process_tree(pid):
-        try:
-            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += sum(int(value) for value in fields[11:15])  # utime, stime, cutime, cstime
-    return total / ticks
-
-
-def process_tree_memory(pid: int) -> dict[str, int]:
-    """Summed :func:`process_memory` of ``pid`` and its descendants, with their count."""
-    total = {"rss_bytes": 0, "peak_rss_bytes": 0, "processes": 0}
-    for member in process_tree(pid):
-        try:
-            memory = process_memory(member)
-        except (OSError, KeyError):  # ended meanwhile, or a zombie without memory fields
-            continue
-        total["rss_bytes"] += memory["rss_bytes"]
-        total["peak_rss_bytes"] += memory["peak_rss_bytes"]
-        total["processes"] += 1
-    return total
+def redis_url_argument(value: str) -> str | None:
+    """``--redis-url``: ``none`` (any case) is None, the in-process store."""
+    return None if value.lower() == "none" else value
 
 
 # ----------------------------------------------------------------------------------------- metrics

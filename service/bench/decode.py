@@ -45,7 +45,6 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -56,6 +55,7 @@ from training.video import DecodeLimits, decode_clip, frame_to_square
 from training.video.index import open_indexed
 from training.video.sampling import decoded_frame_count, plan_runs, sample_positions, seek_cost_for
 from training.video.source import Deadline, VideoInput
+from training.video.writer import write_video
 
 NUM_FRAMES = 8
 SIZE = 224
@@ -128,20 +128,13 @@ def make_clip(spec: ClipSpec, directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial{path.suffix}")
     keyint = round(spec.keyframe_s * spec.fps)
-    with av.open(str(partial), "w") as output:
-        stream = output.add_stream(spec.codec, rate=spec.fps)
-        stream.width, stream.height, stream.pix_fmt = spec.width, spec.height, "yuv420p"
-        stream.codec_context.gop_size = keyint
-        if spec.codec == "libx264":
-            stream.options = {"x264-params": f"keyint={keyint}:min-keyint={keyint}:scenecut=0",
-                              **({"preset": spec.preset} if spec.preset else {})}
-        else:
-            stream.options = {"deadline": "realtime", "cpu-used": "8", "keyint_min": str(keyint), "row-mt": "1"}
-        for i, image in enumerate(_synthetic_frames(spec)):
-            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
-            frame.pts, frame.time_base = i, Fraction(1, spec.fps)
-            output.mux(stream.encode(frame))
-        output.mux(stream.encode(None))
+    if spec.codec == "libx264":
+        options = {"x264-params": f"keyint={keyint}:min-keyint={keyint}:scenecut=0",
+                   **({"preset": spec.preset} if spec.preset else {})}
+    else:
+        options = {"deadline": "realtime", "cpu-used": "8", "keyint_min": str(keyint), "row-mt": "1"}
+    write_video(partial, _synthetic_frames(spec), fps=spec.fps, codec=spec.codec, pix_fmt="yuv420p",
+                options=options, gop=keyint)
     partial.rename(path)
     return path
 

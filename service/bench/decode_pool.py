@@ -65,8 +65,9 @@ from typing import Any
 
 import numpy as np
 
-from service.bench.common import cpu_model, default_workdir, format_table, process_tree_cpu_seconds, ratio, write_report
+from service.bench.common import cpu_model, default_workdir, format_table, ratio, write_report
 from service.bench.decode import NUM_FRAMES, SIZE, ClipSpec, exact_target_pts, machine_info, make_clip, naive_sample
+from service.harness import process_tree_cpu_seconds
 from service.decode_pool import decode_file
 from training.video import DecodeLimits, decode_clip
 

@@ -52,45 +52,18 @@ from typing import Any
 import av
 import numpy as np
 
-from service.bench.common import (
-    LABELS,
-    NUM_FRAMES,
-    GatewayProcess,
-    classify,
-    format_table,
-    gateway_settings,
-    local_redis_url,
-    machine_info,
-    percentiles_ms,
-    ratio,
-    register_support_set,
-    retagged,
-    scenario_clips,
-    scrape,
-    stage_deltas,
-    write_report,
-)
+from service.bench import common
+from service.bench.common import LABELS, NUM_FRAMES, WARMUP, classify, retagged, scrape, stage_deltas
+from service.harness import LiveGateway
 
 CONCURRENCY = (1, 4, 16)
 TARGET_SPEEDUP_C4 = 5.0
 TARGET_OVERHEAD_P50_MS = 10.0
-AUTO = "auto"
-WARMUP = 3
-
-
-def default_backbone(quick: bool) -> str:
-    """``fsar-tiny`` (64 px) for a quick run, ``ViT-B-32`` (224 px) for a full one."""
-    return "fsar-tiny" if quick else "ViT-B-32"
 
 
 def requests_per_level(concurrency: int, quick: bool) -> int:
     """Requests timed at one concurrency: ``concurrency``, and at least 8 (quick: 3)."""
     return max(3 if quick else 8, concurrency)
-
-
-def resolve_redis(redis_url: str | None) -> str | None:
-    """``"auto"``: the local Redis (db 12) when one answers, else None (in-process store)."""
-    return local_redis_url() if redis_url == AUTO else redis_url
 
 
 # ------------------------------------------------------------------------------- naive pipeline
@@ -195,7 +168,7 @@ def gateway_row(name: str, concurrency: int, responses: list[tuple[dict, float]]
         "row": name,
         "concurrency": concurrency,
         "requests": len(responses),
-        **percentiles_ms(latencies),
+        **common.percentiles_ms(latencies),
         "throughput_rps": round(len(responses) / wall, 3),
         "cpu_ms_per_request": round(cpu * 1000.0 / len(responses), 1),
         **{key: deltas[key] for key in ("decode_ms", "encode_ms", "match_ms", "store_ms", "server_ms")},
@@ -206,7 +179,7 @@ def gateway_row(name: str, concurrency: int, responses: list[tuple[dict, float]]
     }
 
 
-async def _measure(gateway: GatewayProcess, pipeline: NaivePipeline, clips, concurrency_levels: Sequence[int],
+async def _measure(gateway: LiveGateway, pipeline: NaivePipeline, clips, concurrency_levels: Sequence[int],
                    quick: bool, requests: int | None, repeated: bool, run_tag: str) -> dict[str, Any]:
     """Register the set and warm both sides up, then per level: the gateway with distinct queries,
     with a repeated query, and the naive pipeline (interleaved, so drifts in machine load hit all)."""
@@ -219,7 +192,7 @@ async def _measure(gateway: GatewayProcess, pipeline: NaivePipeline, clips, conc
         if pipeline.fingerprint != model["fingerprint"]:
             raise RuntimeError("the naive pipeline's model differs from the gateway's (fingerprints differ)")
         before_registration = await scrape(client)
-        set_id, registration_s = await register_support_set(client, clips.support)
+        set_id, registration_s = await common.register_support_set(client, clips.support)
         after_registration = await scrape(client)
         registration = {"seconds": round(registration_s, 3),
                         **stage_deltas(before_registration, after_registration, 1)}
@@ -250,7 +223,7 @@ async def _measure(gateway: GatewayProcess, pipeline: NaivePipeline, clips, conc
             latencies, wall, labels, cpu = await asyncio.to_thread(
                 run_naive, pipeline, clips.support, [clips.queries[b] for b in bases], concurrency)
             baseline_rows.append({"row": "naive", "concurrency": concurrency, "requests": count,
-                                  **percentiles_ms(latencies), "throughput_rps": round(count / wall, 3),
+                                  **common.percentiles_ms(latencies), "throughput_rps": round(count / wall, 3),
                                   "cpu_ms_per_request": round(cpu * 1000.0 / count, 1)})
             compared += count
             agree += sum(ours == theirs for ours, theirs in zip(gateway_labels, labels, strict=True))
@@ -261,7 +234,7 @@ async def _measure(gateway: GatewayProcess, pipeline: NaivePipeline, clips, conc
 # ----------------------------------------------------------------------------------------- run
 def run(quick: bool = False, json_path: str | None = None, *, backbone: str | None = None,
         concurrency: Sequence[int] = CONCURRENCY, requests: int | None = None, workdir: str | None = None,
-        redis_url: str | None = AUTO, repeated: bool = True, gateway: dict[str, Any] | None = None) -> dict[str, Any]:
+        redis_url: str | None = common.AUTO, repeated: bool = True, gateway: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the benchmark, print its table, write the JSON report when ``json_path`` is given.
 
     Args:
@@ -279,16 +252,15 @@ def run(quick: bool = False, json_path: str | None = None, *, backbone: str | No
     Returns:
         The report (see the module docstring).
     """
-    backbone = backbone or default_backbone(quick)
+    backbone = backbone or common.default_backbone(quick)
     concurrency = [int(c) for c in concurrency]
     if not concurrency or min(concurrency) < 1:
         raise ValueError(f"concurrency levels must be >= 1, got {concurrency}")
-    machine = machine_info()
-    clips = scenario_clips(quick, workdir)
     overrides = dict(gateway or {})
-    settings = gateway_settings(backbone, redis_url=resolve_redis(redis_url), **overrides)
+    bench = common.prepare_gateway_bench(quick, workdir, backbone, redis_url, **overrides)
+    machine, clips, settings = bench.machine, bench.clips, bench.settings
     pipeline = NaivePipeline(backbone, seed=settings.seed)
-    with GatewayProcess(settings) as server:
+    with common.running_gateway(settings) as server:
         measured = asyncio.run(_measure(server, pipeline, clips, concurrency, quick, requests, repeated,
                                         f"e2e-{time.time_ns()}"))
         memory = server.memory()
@@ -297,9 +269,9 @@ def run(quick: bool = False, json_path: str | None = None, *, backbone: str | No
     baseline_by_level = {row["concurrency"]: row for row in baseline_rows}
     for row in rows:
         base = baseline_by_level[row["concurrency"]]
-        row["speedup_vs_baseline"] = ratio(row["throughput_rps"], base["throughput_rps"])
-        row["p50_speedup_vs_baseline"] = ratio(base["p50_ms"], row["p50_ms"])
-        row["cpu_speedup_vs_baseline"] = ratio(base["cpu_ms_per_request"], row["cpu_ms_per_request"])
+        row["speedup_vs_baseline"] = common.ratio(row["throughput_rps"], base["throughput_rps"])
+        row["p50_speedup_vs_baseline"] = common.ratio(base["p50_ms"], row["p50_ms"])
+        row["cpu_speedup_vs_baseline"] = common.ratio(base["cpu_ms_per_request"], row["cpu_ms_per_request"])
     reencoded = sum(row["counters"]["support_videos_encoded"] for row in rows)
     report = {
         "machine": machine,
@@ -322,7 +294,7 @@ def run(quick: bool = False, json_path: str | None = None, *, backbone: str | No
         "targets": _targets(rows, reencoded),
     }
     print(format_report(report))
-    write_report(json_path, report)
+    common.write_report(json_path, report)
     return report
 
 
@@ -362,7 +334,7 @@ def format_report(report: dict[str, Any]) -> str:
         ordered += [dict(row, **row.get("counters", {})) for row in report["results"] if row["concurrency"] == level]
         ordered += [row for row in report["baseline"] if row["concurrency"] == level]
     reg = report["registration"]
-    lines = [format_table(ordered, COLUMNS), "",
+    lines = [common.format_table(ordered, COLUMNS), "",
              f"registration of 5 support videos: {reg['seconds'] * 1000:.0f} ms, "
              f"support videos encoded {reg['support_videos_encoded']}",
              f"support videos encoded while classifying (all levels): {report['support_reencoded_during_classify']}",
@@ -375,14 +347,9 @@ def format_report(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny clips, fsar-tiny, few requests (under a minute)")
-    parser.add_argument("--json", dest="json_path", help="write the report here")
-    parser.add_argument("--backbone", help="open_clip model (default: fsar-tiny quick, ViT-B-32 full)")
+    common.add_gateway_arguments(parser, "tiny clips, fsar-tiny, few requests (under a minute)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
     parser.add_argument("--requests", type=int, help="requests per concurrency level")
-    parser.add_argument("--workdir", help="where generated clips are cached")
-    parser.add_argument("--redis-url", default=AUTO,
-                        help="gateway store: 'auto' (local Redis if any), a URL, or 'none'")
     parser.add_argument("--no-repeated", dest="repeated", action="store_false", help="skip the repeated-query rows")
     parser.add_argument("--gateway-setting", dest="gateway", action="append", default=[], metavar="NAME=VALUE",
                         help="another gateway setting, e.g. encode_concurrency=2 (repeatable)")
@@ -392,10 +359,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.memory:
         upload_memory(json_path=args.json_path, workdir=args.workdir)
         return
-    redis_url = None if args.redis_url.lower() == "none" else args.redis_url
     gateway = dict(item.split("=", 1) for item in args.gateway)
     run(quick=args.quick, json_path=args.json_path, backbone=args.backbone, concurrency=args.concurrency,
-        requests=args.requests, workdir=args.workdir, redis_url=redis_url, repeated=args.repeated, gateway=gateway)
+        requests=args.requests, workdir=args.workdir, redis_url=common.redis_url_argument(args.redis_url),
+        repeated=args.repeated, gateway=gateway)
 
 
 
@@ -458,10 +425,10 @@ def upload_memory(uploads: int = 16, upload_mb: float = 50.0, *, backbone: str =
     """
     import httpx
 
-    clip = scenario_clips(True, workdir, num_queries=1).queries[0]
+    clip = common.scenario_clips(True, workdir, num_queries=1).queries[0]
     total_bytes = int(upload_mb * 1024 * 1024)
-    gateway_config = gateway_settings(backbone, redis_url=None, **settings)
-    with GatewayProcess(gateway_config) as gateway:
+    gateway_config = common.gateway_settings(backbone, redis_url=None, **settings)
+    with common.running_gateway(gateway_config) as gateway:
         tag = f"memory-{time.time_ns()}"
         with httpx.Client(base_url=gateway.url, timeout=120) as client:  # load the text encoder once
             client.post("/classify", files=[("video", ("warm.mp4", retagged(clip, tag), "video/mp4"))],
@@ -505,7 +472,7 @@ def upload_memory(uploads: int = 16, upload_mb: float = 50.0, *, backbone: str =
         "rss_after_bytes": after["rss_bytes"],
         "processes": after["processes"],
         "seconds": round(seconds, 2),
-        "machine": machine_info(),
+        "machine": common.machine_info(),
     }
     mb = 1024 * 1024
     print(f"{uploads} concurrent uploads of {total_bytes / mb:.0f} MB to /classify in {seconds:.1f} s: "
@@ -513,7 +480,7 @@ def upload_memory(uploads: int = 16, upload_mb: float = 50.0, *, backbone: str =
           f"{idle['rss_bytes'] / mb:.0f} MB, peak {after['peak_rss_bytes'] / mb:.0f} MB "
           f"(+{report['peak_over_idle_bytes'] / mb:.0f} MB; "
           f"sampled peak {report['peak_sampled_rss_bytes'] / mb:.0f} MB)")
-    write_report(json_path, report)
+    common.write_report(json_path, report)
     return report
 
 

@@ -32,9 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import av
 import numpy as np
 from tqdm.auto import tqdm
+
+from training.video.writer import write_video
 
 __all__ = [
     "MotionClass",
@@ -596,17 +597,8 @@ def split_synthetic_classes(classes: int | None = None) -> dict[str, list[Motion
 def write_mp4(path: str | Path, clip: np.ndarray, fps: int = FPS) -> None:
     """Write RGB frames uint8 [T, H, W, 3] (H, W even) as an H.264 mp4: yuv420p, CRF 18, encoded on
     one thread so the bytes are deterministic."""
-    with av.open(str(path), "w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height = clip.shape[2], clip.shape[1]
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "18", "preset": "veryfast"}
-        stream.codec_context.thread_count = 1
-        for frame in clip:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    write_video(path, clip, fps=fps, codec="libx264", container="mp4", pix_fmt="yuv420p",
+                options={"crf": "18", "preset": "veryfast"}, threads=1)
 
 
 def _prepare_out(out: Path) -> None:

@@ -1,0 +1,93 @@
+"""Child-process helpers shared by the product and its test/benchmark harness (standard library only).
+
+- :func:`free_port`: a TCP port nobody listens on right now;
+- :func:`parent_death_signal`: a ``preexec_fn`` that makes the kernel kill a child with its parent;
+- :func:`group_alive`, :func:`wait_group_gone`, :func:`kill_process_group`: a child started with
+  ``start_new_session=True`` leads its own process group, and these see and end the whole group
+  (its own children included);
+- :func:`stop_process`: SIGTERM a group leader, wait, then SIGKILL whatever is left of its group.
+
+This module imports nothing heavy, so production code (``service.triton_local``, ``service.demo``)
+and ``service.harness`` can both use it.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import signal
+import socket
+import subprocess
+import time
+from typing import Callable
+
+__all__ = ["free_port", "group_alive", "kill_process_group", "parent_death_signal", "stop_process",
+           "wait_group_gone"]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now (the kernel picks it; another process may take it later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def parent_death_signal() -> Callable[[], None]:
+    """A ``preexec_fn`` that asks the kernel to SIGKILL the child when the starting thread dies.
+
+    ``prctl`` is looked up here, in the parent, so the forked child only makes the call (no
+    ``dlopen`` between fork and exec, which could deadlock in a multi-threaded parent).
+    """
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    pr_set_pdeathsig = 1
+    return functools.partial(prctl, pr_set_pdeathsig, int(signal.SIGKILL))
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any process of the process group ``pgid`` still exists (a group we may not signal counts)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def wait_group_gone(pgid: int, timeout_s: float = 10.0) -> bool:
+    """Wait until no process of group ``pgid`` is left (killed children are reaped asynchronously);
+    False when some are still there after ``timeout_s``, or the group belongs to someone else."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        time.sleep(0.05)
+    return False
+
+
+def kill_process_group(pgid: int) -> None:
+    """SIGKILL every process of group ``pgid``; nothing when the group is gone or not ours."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def stop_process(proc: subprocess.Popen | None, timeout_s: float = 15.0) -> None:
+    """Stop a child started with ``start_new_session=True``: SIGTERM it, wait up to ``timeout_s``,
+    then SIGKILL whatever is left of its process group (the leader, or children it left behind)
+    and reap the leader. Safe on a process that has already exited, and on None."""
+    if proc is None:
+        return
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            pass
+    kill_process_group(proc.pid)
+    proc.wait()
