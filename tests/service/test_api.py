@@ -7,10 +7,8 @@ that even the random tiny model tells them apart; frames still carry their index
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -18,7 +16,6 @@ import time
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
-import av
 import httpx
 import numpy as np
 import pytest
@@ -27,27 +24,12 @@ from service.api import create_app
 from service.core import FsarService
 from service.errors import InvalidField
 from service.settings import Settings, settings_table
-from tests.media import frame_pattern, make_audio_only, make_png, make_video_bytes
+from service.harness import free_port
+from tests.media import class_video, make_audio_only, make_png, make_video_bytes
 
 pytestmark = pytest.mark.timeout(120)
 
-COLOURS = [(1.0, 0.1, 0.1), (0.1, 0.9, 0.2), (0.1, 0.2, 1.0), (0.9, 0.9, 0.1)]
 LABELS = ["open valve", "stand up", "wave hand", "sit down"]
-
-
-def class_video(class_index: int, shot: int = 0, *, num_frames: int = 12) -> bytes:
-    """A real H.264 mp4 (64x48): the class's colour blended with the frame-index pattern."""
-    buffer = io.BytesIO()
-    with av.open(buffer, "w", format="mp4") as output:
-        stream = output.add_stream("libx264", rate=8)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        colour = np.array(COLOURS[class_index], dtype=np.float32)[None, None, :]
-        for i in range(num_frames):
-            pattern = frame_pattern(100 * shot + i, 64, 48).astype(np.float32) / 255.0
-            pixels = ((0.35 * pattern + 0.65 * colour) * 255).astype(np.uint8)
-            output.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
-        output.mux(stream.encode(None))
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -529,15 +511,9 @@ def test_server_factory_builds_app_from_environment(monkeypatch) -> None:
     assert app.state.settings == settings
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_serve_with_two_workers_shares_redis(videos, redis_url: str, redis_prefix: str) -> None:
     """`serve()` with workers=2 (uvicorn factory + settings in the environment), over real HTTP."""
-    port = _free_port()
+    port = free_port()
     settings = tiny_settings(port=port, workers=2, redis_url=redis_url, redis_prefix=redis_prefix)
     script = ("from service.server import serve; from service.settings import Settings; "
               f"serve(Settings.model_validate_json({settings.model_dump_json()!r}))")

@@ -10,14 +10,12 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import socket
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import AsyncIterator, Iterator
 
-import av
 import httpx
 import numpy as np
 import pytest
@@ -30,7 +28,8 @@ from service.core import FsarService
 from service.errors import BackendUnavailable, InvalidField
 from service.settings import Settings
 from service.triton_local import LocalTritonServer
-from tests.media import frame_pattern
+from tests import media
+from training.video.writer import video_bytes
 from tests.triton_util import start_triton, write_python_model
 
 pytestmark = pytest.mark.timeout(180)
@@ -38,7 +37,6 @@ pytestmark = pytest.mark.timeout(180)
 T = 4  # frames per video (fsar-tiny: 64 px input, D = 64)
 ATOL = 1e-4
 LABELS = ["open valve", "stand up", "wave hand"]
-COLOURS = [(1.0, 0.1, 0.1), (0.1, 0.9, 0.2), (0.1, 0.2, 1.0)]
 #: Keys of `info()` that must be identical between the embedded and the Triton backend.
 SHARED_INFO_KEYS = ("backbone", "pretrained", "weights_source", "backbone_hash", "adapter", "tpcm", "metric",
                     "metrics", "checkpoint_hash", "trainable_params", "total_params", "fingerprint",
@@ -47,17 +45,7 @@ SHARED_INFO_KEYS = ("backbone", "pretrained", "weights_source", "backbone_hash",
 
 def class_video(class_index: int, shot: int) -> bytes:
     """A real H.264 mp4 (64x48, 10 frames): the class's colour blended with the frame-index pattern."""
-    buffer = io.BytesIO()
-    with av.open(buffer, "w", format="mp4") as output:
-        stream = output.add_stream("libx264", rate=8)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        colour = np.array(COLOURS[class_index], dtype=np.float32)[None, None, :]
-        for i in range(10):
-            pattern = frame_pattern(100 * shot + i, 64, 48).astype(np.float32) / 255.0
-            pixels = ((0.35 * pattern + 0.65 * colour) * 255).astype(np.uint8)
-            output.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
-        output.mux(stream.encode(None))
-    return buffer.getvalue()
+    return media.class_video(class_index, shot, num_frames=10)
 
 
 @pytest.fixture(scope="module")
@@ -359,15 +347,7 @@ def fake_triton(tmp_path: Path) -> Iterator[LocalTritonServer]:
 
 def plain_video(shade: int) -> bytes:
     """A real H.264 mp4 (64x64, 6 frames) of one grey shade: every query gets new bytes (no cache hit)."""
-    buffer = io.BytesIO()
-    with av.open(buffer, "w", format="mp4") as output:
-        stream = output.add_stream("libx264", rate=8)
-        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
-        for _ in range(6):
-            pixels = np.full((64, 64, 3), shade, dtype=np.uint8)
-            output.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
-        output.mux(stream.encode(None))
-    return buffer.getvalue()
+    return video_bytes([np.full((64, 64, 3), shade, dtype=np.uint8)] * 6, fps=8)
 
 
 def assert_backend_unavailable(response: httpx.Response) -> str:
