@@ -11,6 +11,7 @@ tenant. Clients send the key in the `X-API-Key` header.
   scrapers on the internal network) and the API description (`/openapi.json`, `/docs`, `/redoc`).
   Everything else, `/model` included, needs a key when keys are configured; an unknown path without a
   valid key is a 401 too, so paths cannot be probed anonymously.
+- Blanks around a presented key are ignored, on both sides alike (`KeyRing.authenticate`).
 - Missing or wrong key: 401 `{"error": {"code": "missing_api_key" | "invalid_api_key", ...}}` with
   `WWW-Authenticate: ApiKey header="X-API-Key"`, answered before the request body is read.
 - With no keys configured the gateway runs open (every request is tenant None) and says so at start-up.
@@ -99,7 +100,11 @@ class KeyRing:
         return len(self._keys)
 
     def authenticate(self, presented: str | None) -> str | None:
-        """The tenant owning `presented`, or None. Constant time in which key (if any) matched."""
+        """The tenant owning `presented`, or None. Constant time in which key (if any) matched.
+
+        Blanks around the presented key are not part of it (HTTP does not count whitespace around a
+        header value, and configured keys hold none): they are removed on both sides alike."""
+        presented = (presented or "").strip()
         if not presented:
             return None
         digest = _digest(presented)
@@ -204,7 +209,7 @@ class AccessMiddleware:
             return
         tenant = None
         if self.key_ring.enabled:
-            presented = _header(scope, _HEADER_NAME)
+            presented = (_header(scope, _HEADER_NAME) or "").strip() or None
             tenant = self.key_ring.authenticate(presented)
             if tenant is None:
                 error = (Unauthorized(f"This endpoint needs an API key in the {API_KEY_HEADER} header.",

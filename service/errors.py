@@ -10,7 +10,8 @@ and the pure-ASGI middlewares (authentication, rate limit, body size) all answer
 | 400 | `bad_request` | a field is present but unusable (e.g. a malformed body) |
 | 401 | `missing_api_key`, `invalid_api_key` | no or unknown `X-API-Key` (`service/auth.py`) |
 | 404 | `not_found`, `support_set_not_found` | unknown path or support set |
-| 409 | `conflict` | the support set changed underneath a concurrent update (retry) |
+| 409 | `conflict` | the support set kept changing underneath an update past the retry budget (retry) |
+| 409 | `support_set_unreadable` | the set's stored manifest is damaged (delete it and register again) |
 | 413 | `too_large`, `too_long`, `too_many_pixels`, `too_many_files`, `too_many_labels` | upload over a limit |
 | 415 | `not_a_video`, `no_video_stream`, `corrupted`, `timeout`, ... | not a decodable video |
 | 422 | `validation_error`, `label_count_mismatch`, ... | missing or invalid fields |
@@ -65,6 +66,18 @@ class SupportSetNotFound(NotFound):
 
 class Conflict(ApiError):
     status, code = 409, "conflict"
+
+
+class SupportSetUnreadable(Conflict):
+    """A set whose stored manifest this gateway cannot read (damaged or foreign data under its key): it
+    can only be deleted."""
+
+    code = "support_set_unreadable"
+
+    def __init__(self, set_id: str) -> None:
+        super().__init__(f"Support set '{set_id}' is stored in a form this gateway cannot read; delete it "
+                         "and register the videos again.")
+        self.set_id = set_id
 
 
 class PayloadTooLarge(ApiError):

@@ -11,6 +11,8 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.bounds import MAX_LABELS, MAX_TTL_S
+
 ENV_PREFIX = "FSAR_"
 _NONE_WORDS = {"", "none", "null", "random"}
 
@@ -69,15 +71,18 @@ class Settings(BaseSettings):
                           "worker only; said at start-up).")
     redis_prefix: str = Field("fsar:", min_length=1, description="Prefix of every Redis key this gateway writes.")
     support_set_ttl_s: int | None = Field(
-        None, gt=0, description="Default lifetime of a support set in seconds (per-request ttl_seconds overrides); "
-                                "None = forever.")
+        None, gt=0, le=MAX_TTL_S,
+        description=f"Default lifetime of a support set in seconds, 1 to {MAX_TTL_S} (10 years; per-request "
+                    "ttl_seconds overrides); None = forever.")
     query_cache_ttl_s: int | None = Field(
-        3600, gt=0, description="Lifetime of cached query/text features in seconds; None = forever.")
+        3600, gt=0, le=MAX_TTL_S,
+        description=f"Lifetime of cached query/text features in seconds, 1 to {MAX_TTL_S}; None = forever.")
 
     # ------------------------------------------------------------------ uploads and decoding
     max_upload_mb: float = Field(
         200.0, gt=0, description="Largest request body in MB (all files together); larger -> 413.")
-    max_files_per_request: int = Field(64, ge=1, description="Most video files in one request; more -> 413.")
+    max_files_per_request: int = Field(
+        64, ge=1, le=MAX_LABELS, description=f"Most video files in one request (at most {MAX_LABELS}); more -> 413.")
     upload_dir: str | None = Field(
         None, description="Folder each uploaded video is streamed to (one temporary file, removed when its request "
                           "ends), so the gateway never holds an upload in memory; decode workers read the file. "
@@ -85,7 +90,9 @@ class Settings(BaseSettings):
                           "multipart parser also spools files over 1 MB to TMPDIR while a body arrives); full or "
                           "unwritable -> 503.")
     max_labels_per_request: int = Field(
-        256, ge=1, description="Most labels in one classify request (zero-shot/hybrid candidates); more -> 413.")
+        256, ge=1, le=MAX_LABELS,
+        description=f"Most labels in one classify request (zero-shot/hybrid candidates; at most {MAX_LABELS}); "
+                    "more -> 413.")
     max_video_seconds: float = Field(600.0, gt=0, description="Longest accepted video in seconds; longer -> 413.")
     max_pixels: int = Field(4096 * 4096, gt=0, description="Most pixels per frame (width x height); more -> 413.")
     decode_timeout_s: float = Field(30.0, gt=0, description="Time budget to decode one video, in seconds; over -> 415.")

@@ -6,7 +6,8 @@ shutdown. API keys are read when the app is created (a bad key configuration sto
 Every error leaves as `{"error": {"code": ..., "message": ...}}` (see `service/errors.py`).
 
 Middleware, outermost first: request metrics -> access (API key 401, rate limit 429) -> body size
-limit (413) -> routes. Access and size checks answer before the body is read.
+limit (413) -> multipart closing boundary (400) -> routes. Access and size checks answer before the
+body is read.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.api import routes_classify, routes_ops, routes_support_sets
+from service.api.multipart import MultipartEndMiddleware
 from service.auth import AccessMiddleware, describe_access, load_key_ring
 from service.backends import create_backend
 from service.core import FsarService
@@ -91,6 +93,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(routes_ops.router)
     install_error_handlers(app)
     # Outermost last: metrics see every response, including 401/429s and 413s from the body limit.
+    app.add_middleware(MultipartEndMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_upload_bytes)
     app.add_middleware(AccessMiddleware, key_ring=key_ring, metrics=metrics)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)

@@ -7,7 +7,8 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, File, Form, UploadFile
 
 from service.api.deps import get_service, get_tenant, stored_uploads
-from service.api.schemas import ClassifyResponse, ErrorResponse
+from service.api.schemas import ClassifyResponse, ErrorResponse, Label
+from service.bounds import MAX_LABELS, MAX_SET_ID_CHARS, MAX_TOP_K, SET_ID_PATTERN
 from service.core import FsarService
 
 router = APIRouter(tags=["classify"])
@@ -20,10 +21,12 @@ async def classify(
     video: Annotated[UploadFile, File(description="The query video.")],
     service: Annotated[FsarService, Depends(get_service)],
     tenant: Annotated[str | None, Depends(get_tenant)],
-    support_set_id: Annotated[str | None, Form(description="Few-shot: match against this set.")] = None,
-    labels: Annotated[list[str] | None, Form(description="Zero-shot labels (repeat the field); "
-                                                         "with support_set_id: hybrid.")] = None,
-    top_k: Annotated[int | None, Form(ge=1, description="Return only the k best labels.")] = None,
+    support_set_id: Annotated[str | None, Form(min_length=1, max_length=MAX_SET_ID_CHARS, pattern=SET_ID_PATTERN,
+                                               description="Few-shot: match against this set.")] = None,
+    labels: Annotated[list[Label] | None, Form(max_length=MAX_LABELS,
+                                               description="Zero-shot labels (repeat the field); "
+                                                           "with support_set_id: hybrid.")] = None,
+    top_k: Annotated[int | None, Form(ge=1, le=MAX_TOP_K, description="Return only the k best labels.")] = None,
     text_weight: Annotated[float | None, Form(
         ge=0.0, le=1.0, allow_inf_nan=False,
         description="Text share of this request, 0..1. Few-shot: replaces the model's alpha in "

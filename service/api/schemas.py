@@ -1,9 +1,14 @@
 """Pydantic models of every response body (multipart requests are declared on the routes)."""
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from service.bounds import MAX_LABEL_FIELD_CHARS
+
+#: One label as sent in a form (cleaned and checked again by `service.core.checks.clean_labels`).
+Label = Annotated[str, StringConstraints(max_length=MAX_LABEL_FIELD_CHARS)]
 
 
 class ErrorDetail(BaseModel):

@@ -32,10 +32,12 @@ import hashlib
 import re
 from typing import Mapping
 
+from service.bounds import SET_ID_PATTERN
+
 #: A tenant name (API key configuration) and thus a namespace: 1-64 of `A-Z a-z 0-9 _ . -`.
 TENANT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 #: A support-set id that can name a key of ours (ids are made as uuid4 hex).
-SET_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+SET_ID = re.compile(SET_ID_PATTERN)
 
 
 def namespace(tenant: str | None) -> str:
@@ -76,6 +78,16 @@ def manifest_key(tenant: str | None, set_id: str) -> str:
 def manifest_pattern(tenant: str | None) -> str:
     """The pattern matching the manifest of every set of a tenant."""
     return f"{namespace(tenant)}set:*:manifest"
+
+
+def set_id_of_manifest_key(tenant: str | None, key: str) -> str | None:
+    """The set id in a key `manifest_pattern(tenant)` matched, None if the key is not a manifest key
+    of a valid id."""
+    head, tail = f"{namespace(tenant)}set:", ":manifest"
+    if not (key.startswith(head) and key.endswith(tail)):
+        return None
+    set_id = key[len(head):-len(tail)]
+    return set_id if valid_set_id(set_id) else None
 
 
 def set_pattern(tenant: str | None, set_id: str) -> str:

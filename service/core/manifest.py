@@ -2,16 +2,26 @@
 
 The JSON is the one the gateway has always written (`Manifest.to_json`, same fields in the same
 order); `Manifest.from_json` also reads manifests written before tenants existed (no `tenant` field)
-and tolerates the optional fields older manifests may lack.
+and tolerates the optional fields older manifests may lack. A document it cannot read (wrong types,
+missing fields, timestamps no date can show) raises `ManifestError`: no stored value can make a read
+fail later, when the set is rendered.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 from service.core.checks import unique
+
+#: The latest timestamp a manifest may hold: the end of year 9999, the last a date can render.
+MAX_TIMESTAMP = datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone.utc).timestamp()
+
+
+class ManifestError(ValueError):
+    """A stored manifest that cannot be read (the message says which field is wrong)."""
 
 
 def now() -> float:
@@ -20,10 +30,34 @@ def now() -> float:
 
 
 def iso(timestamp: float | None) -> str | None:
-    """`2024-05-01T12:00:00.123456Z` (UTC) for a timestamp, None for None."""
+    """`2024-05-01T12:00:00.123456Z` (UTC) for a timestamp, None for None or for a timestamp no date
+    can show (never raises: rendering a stored set must not fail)."""
     if timestamp is None:
         return None
-    return datetime.fromtimestamp(timestamp, tz=timezone.utc).isoformat().replace("+00:00", "Z")
+    try:
+        return datetime.fromtimestamp(timestamp, tz=timezone.utc).isoformat().replace("+00:00", "Z")
+    except (OverflowError, ValueError, OSError, TypeError):
+        return None
+
+
+def _timestamp(data: dict[str, Any], name: str, *, required: bool = False) -> float | None:
+    """The timestamp field `name` of a stored manifest: a finite number from 0 to `MAX_TIMESTAMP`."""
+    value = data.get(name)
+    if value is None and not required:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not 0 <= value <= MAX_TIMESTAMP:
+        raise ManifestError(f"{name} is not a timestamp: {str(value)[:40]!r}")
+    return float(value)
+
+
+def _text(data: dict[str, Any], name: str, *, required: bool = False) -> str | None:
+    value = data.get(name)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str):
+        raise ManifestError(f"{name} is not a string")
+    return value
 
 
 @dataclass
@@ -59,13 +93,39 @@ class Manifest:
     @classmethod
     def from_json(cls, data: dict[str, Any], tenant: str | None) -> "Manifest":
         """The manifest stored as `data` in `tenant`'s namespace (the namespace it was read from is
-        its tenant, whatever `data` says: manifests written before tenants existed lack the field)."""
+        its tenant, whatever `data` says: manifests written before tenants existed lack the field).
+
+        Raises `ManifestError` for a document that is not a manifest this gateway can serve."""
+        if not isinstance(data, dict):
+            raise ManifestError("the manifest is not a JSON object")
+        revision = data.get("revision")
+        if isinstance(revision, bool) or not isinstance(revision, int) or revision < 0:
+            raise ManifestError("revision is not a whole number")
+        sampling = data.get("sampling")
+        if sampling is not None and not (isinstance(sampling, dict) and all(
+                isinstance(sampling.get(k), int) and not isinstance(sampling.get(k), bool)
+                for k in ("num_frames", "size"))):
+            raise ManifestError("sampling is not {num_frames, size}")
+        videos_data, classes = data.get("videos"), data.get("classes")
+        if not isinstance(videos_data, list) or not isinstance(classes, list) \
+                or not all(isinstance(label, str) for label in classes):
+            raise ManifestError("videos or classes are not lists")
+        videos = []
+        for entry in videos_data:
+            if not isinstance(entry, dict):
+                raise ManifestError("a video entry is not an object")
+            size = entry.get("bytes")
+            if size is not None and (isinstance(size, bool) or not isinstance(size, int)):
+                raise ManifestError("a video's bytes is not a whole number")
+            videos.append(Video(_text(entry, "sha256", required=True), _text(entry, "label", required=True),
+                                _text(entry, "filename"), size))
+        if unique(video.label for video in videos) != classes:
+            raise ManifestError("classes are not the labels of the videos")
         return cls(
-            id=data["id"], tenant=tenant, created_at=data["created_at"], revision=data["revision"],
-            name=data.get("name"), metric=data.get("metric"), updated_at=data.get("updated_at"),
-            expires_at=data.get("expires_at"), sampling=data.get("sampling"),
-            videos=[Video(v["sha256"], v["label"], v.get("filename"), v.get("bytes")) for v in data["videos"]],
-            classes=list(data["classes"]),
+            id=_text(data, "id", required=True), tenant=tenant,
+            created_at=_timestamp(data, "created_at", required=True), revision=revision,
+            name=_text(data, "name"), metric=_text(data, "metric"), updated_at=_timestamp(data, "updated_at"),
+            expires_at=_timestamp(data, "expires_at"), sampling=sampling, videos=videos, classes=list(classes),
         )
 
     def to_json(self) -> dict[str, Any]:

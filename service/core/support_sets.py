@@ -2,7 +2,18 @@
 
 Lifetimes: every key of a set gets the set's remaining TTL (None: forever); adding videos keeps the
 original expiry. Writes of a set go in one transaction with the manifest last and a revision check, so
-a failed or concurrent registration never leaves a half-written set visible.
+a failed or concurrent registration never leaves a half-written set visible. Every field is checked,
+and the response rendered, before that transaction: a request that fails leaves nothing behind.
+
+Concurrent additions: the expensive part of an addition (decoding the uploads, encoding their
+features into the tenant's support cache) runs once, outside any lock or transaction. Only the cheap
+part is serialised and retried: re-read the manifest, merge the new videos, rebuild the prototypes
+from cached features, write with the revision guard. Additions to one set in one process take turns
+(a lock per set); additions from other processes or replicas retry the cheap write, with a short
+random pause, up to `UPDATE_WRITE_ATTEMPTS` times before answering 409 `conflict`.
+
+Reading: a stored manifest this gateway cannot read (`ManifestError`, or not JSON) is logged and
+skipped in listings, and reading it answers 409 `support_set_unreadable`; it can still be deleted.
 
 Model changes: the decoded clips are kept with the set, so after a model change the prototypes are
 rebuilt from them (re-encoding the support videos once for the new model). Only a change of frame
@@ -10,29 +21,35 @@ count needs a new registration (409).
 """
 from __future__ import annotations
 
+import asyncio
 import logging
+import random
 import uuid
+import weakref
 from typing import Any, Sequence
 
 import numpy as np
 
 from service.core import keys
-from service.core.checks import check_files, clean_labels
+from service.core.checks import (check_files, check_metric_name, check_ttl, clean_labels, clean_name)
 from service.core.features import Features
 from service.core.ingest import Decoder
 from service.core.instrumented import CountedBackend, TimedStore
-from service.core.manifest import Manifest, Video, now
+from service.core.manifest import Manifest, ManifestError, Video, now
 from service.core.model import ModelFacts
 from service.core.uploads import Upload
-from service.errors import InvalidField, SupportSetNotFound
+from service.errors import SupportSetNotFound, SupportSetUnreadable
 from service.settings import Settings
-from service.store.base import Batch, StoreConflict
+from service.store.base import Batch, StoreConflict, StoreDataError
 from service.telemetry import Metrics
 
 log = logging.getLogger(__name__)
 
-#: Attempts of an update that keeps meeting concurrent updates of the same set.
-CONFLICT_RETRIES = 3
+#: Attempts of the final (cheap) write of an addition while other processes keep updating the same
+#: set first; past them the addition answers 409 `conflict`.
+UPDATE_WRITE_ATTEMPTS = 30
+#: Longest random pause, in seconds, between two such attempts.
+UPDATE_RETRY_PAUSE_S = 0.05
 
 
 class SupportSets:
@@ -47,6 +64,8 @@ class SupportSets:
         self._decoder = decoder
         self._features = features
         self._metrics = metrics
+        self._set_locks: weakref.WeakValueDictionary[tuple[str | None, str], asyncio.Lock] = \
+            weakref.WeakValueDictionary()
 
     def describe(self, manifest: Manifest) -> dict[str, Any]:
         """The public view of a set (what the API returns)."""
@@ -54,22 +73,61 @@ class SupportSets:
 
     # ------------------------------------------------------------------ reading
     async def load(self, set_id: str, tenant: str | None) -> Manifest:
-        """The set's manifest in the tenant's namespace; 404 when absent there (whoever else owns it)."""
+        """The set's manifest in the tenant's namespace; 404 when absent there (whoever else owns it),
+        409 `support_set_unreadable` when what is stored there is not a manifest this gateway reads."""
         if not keys.valid_set_id(set_id):
             raise SupportSetNotFound(set_id)
-        data = await self._store.get_json(keys.manifest_key(tenant, set_id))
+        key = keys.manifest_key(tenant, set_id)
+        try:
+            data = await self._store.get_json(key)
+        except StoreDataError as err:
+            log.warning("support set %s: the stored manifest is not JSON (%s)", set_id, err)
+            raise SupportSetUnreadable(set_id) from err
         if data is None:
             raise SupportSetNotFound(set_id)
-        return Manifest.from_json(data, tenant)
+        try:
+            return self._parse(data, tenant, set_id)
+        except ManifestError as err:
+            log.warning("support set %s: the stored manifest cannot be read (%s)", set_id, err)
+            raise SupportSetUnreadable(set_id) from err
+
+    @staticmethod
+    def _parse(data: Any, tenant: str | None, set_id: str) -> Manifest:
+        manifest = Manifest.from_json(data, tenant)
+        if manifest.id != set_id:
+            raise ManifestError(f"the manifest names set {str(manifest.id)[:64]!r}")
+        return manifest
 
     async def get(self, set_id: str, tenant: str | None) -> dict[str, Any]:
         return self.describe(await self.load(set_id, tenant))
 
     async def list(self, tenant: str | None) -> list[dict[str, Any]]:
-        """The tenant's sets, oldest first."""
-        found = await self._store.get_jsons(await self._store.keys(keys.manifest_pattern(tenant)))
-        described = [self.describe(Manifest.from_json(data, tenant)) for data in found if data is not None]
-        return sorted(described, key=lambda s: s["created_at"])
+        """The tenant's sets, oldest first; a manifest that cannot be read is logged and left out."""
+        found = await self._store.keys(keys.manifest_pattern(tenant))
+        try:
+            documents = await self._store.get_jsons(found)
+        except StoreDataError:  # one of them is not JSON: read them one by one
+            documents = [await self._json_or_none(key) for key in found]
+        manifests = []
+        for key, data in zip(found, documents):
+            if data is None:
+                continue
+            set_id = keys.set_id_of_manifest_key(tenant, key)
+            try:
+                if set_id is None:
+                    raise ManifestError("the key does not name a valid set id")
+                manifests.append(self._parse(data, tenant, set_id))
+            except ManifestError as err:
+                log.warning("skipping the unreadable manifest %s in a listing: %s", key, err)
+        manifests.sort(key=lambda manifest: manifest.created_at)
+        return [self.describe(manifest) for manifest in manifests]
+
+    async def _json_or_none(self, key: str) -> Any | None:
+        try:
+            return await self._store.get_json(key)
+        except StoreDataError as err:
+            log.warning("skipping the unreadable manifest %s in a listing: %s", key, err)
+            return None
 
     # ------------------------------------------------------------------ writing
     async def create(self, uploads: Sequence[Upload], labels: Sequence[str], *, name: str | None,
@@ -79,67 +137,103 @@ class SupportSets:
         keys.namespace(tenant)  # a bad tenant name fails before any work
         labels = clean_labels(labels)
         check_files(uploads, labels, self._settings.max_files_per_request)
+        check_metric_name(metric)
         metric = self._model.check_metric(metric)
-        if ttl_seconds is not None and ttl_seconds <= 0:
-            raise InvalidField("ttl_seconds must be a positive number of seconds.", code="invalid_ttl")
+        check_ttl(ttl_seconds)
+        name = clean_name(name)
         ttl = ttl_seconds if ttl_seconds is not None else self._settings.support_set_ttl_s
+        check_ttl(ttl)
         created = now()
-        manifest = Manifest(id=uuid.uuid4().hex, tenant=tenant, name=(name or "").strip() or None, metric=metric,
+        manifest = Manifest(id=uuid.uuid4().hex, tenant=tenant, name=name, metric=metric,
                             created_at=created, updated_at=created,
                             expires_at=None if ttl is None else created + ttl, revision=0,
                             sampling=self._model.sampling)
-        return await self._add(manifest, list(uploads), labels, new=True)
+        videos = self._videos(uploads, labels)
+        clips = await self._decoder.decode_many({upload.sha256: upload for upload in uploads})
+        return await self._commit(manifest, videos, clips, new=True)
 
     async def add_videos(self, set_id: str, uploads: Sequence[Upload], labels: Sequence[str], *,
                          tenant: str | None) -> dict[str, Any]:
-        """Add shots or new classes to a set; prototypes are rebuilt. Returns the updated description."""
+        """Add shots or new classes to a set; prototypes are rebuilt. Returns the updated description.
+
+        Decoding and encoding happen once; only the final write is serialised and retried (see the
+        module's docstring)."""
         labels = clean_labels(labels)
         check_files(uploads, labels, self._settings.max_files_per_request)
-        for attempt in range(1, CONFLICT_RETRIES + 1):
-            manifest = await self.load(set_id, tenant)
-            try:
-                return await self._add(manifest, list(uploads), labels, new=False)
-            except StoreConflict:
-                # Another request updated the set meanwhile: redo on top of its revision (the
-                # features it needs are cached by now, so a retry costs little).
-                if attempt == CONFLICT_RETRIES:
-                    raise
-                log.info("support set %s changed during an update; retrying (%d)", set_id, attempt)
+        manifest = await self.load(set_id, tenant)
+        self._check_alive(manifest)
+        videos = self._videos(uploads, labels)
+        known = {video.sha256 for video in manifest.videos}
+        clips = await self._decoder.decode_many({u.sha256: u for u in uploads if u.sha256 not in known})
+        # Encode the new (video, label) pairs now, into the tenant's support cache, so that each write
+        # attempt below only reads features.
+        staged = Manifest(id=manifest.id, tenant=tenant, created_at=manifest.created_at,
+                          revision=manifest.revision, videos=list(videos))
+        await self._features.support(staged, None, fresh_clips=clips)
+
+        for attempt in range(1, UPDATE_WRITE_ATTEMPTS + 1):
+            async with self._set_lock(tenant, set_id):
+                current = await self.load(set_id, tenant)
+                try:
+                    return await self._commit(current, videos, clips, new=False)
+                except StoreConflict:
+                    if attempt == UPDATE_WRITE_ATTEMPTS:
+                        log.warning("support set %s kept changing during an update; giving up after %d "
+                                    "attempts", set_id, attempt)
+                        raise
+            await asyncio.sleep(random.uniform(0, UPDATE_RETRY_PAUSE_S))
         raise AssertionError("unreachable")
 
     async def delete(self, set_id: str, tenant: str | None) -> None:
-        await self.load(set_id, tenant)
+        """Delete a set (an unreadable one too); 404 when absent."""
+        try:
+            await self.load(set_id, tenant)
+        except SupportSetUnreadable:
+            log.info("deleting the unreadable support set %s", set_id)
         # The manifest first: the set disappears at once, then its data.
         await self._store.delete([keys.manifest_key(tenant, set_id)])
         await self._store.delete(await self._store.keys(keys.set_pattern(tenant, set_id)))
 
-    async def _add(self, manifest: Manifest, uploads: list[Upload], labels: list[str], *,
-                   new: bool) -> dict[str, Any]:
-        """Decode what is new, add the videos as the next revision, rebuild the prototypes and write it
-        all in one guarded transaction (`StoreConflict` if the set changed meanwhile)."""
-        set_id, tenant = manifest.id, manifest.tenant
-        old_revision = None if new else manifest.revision
+    def _set_lock(self, tenant: str | None, set_id: str) -> asyncio.Lock:
+        """The lock additions to one set take turns on in this process."""
+        lock = self._set_locks.get((tenant, set_id))
+        if lock is None:
+            lock = self._set_locks[(tenant, set_id)] = asyncio.Lock()
+        return lock
+
+    @staticmethod
+    def _videos(uploads: Sequence[Upload], labels: Sequence[str]) -> list[Video]:
+        return [Video(upload.sha256, label, upload.filename, upload.size) for upload, label in zip(uploads, labels)]
+
+    @staticmethod
+    def _check_alive(manifest: Manifest) -> None:
         ttl = manifest.remaining_ttl()
         if ttl is not None and ttl <= 0:
-            raise SupportSetNotFound(set_id)
+            raise SupportSetNotFound(manifest.id)
+
+    async def _commit(self, manifest: Manifest, videos: list[Video], clips: dict[str, np.ndarray], *,
+                      new: bool) -> dict[str, Any]:
+        """Add `videos` to `manifest` as its next revision, rebuild the prototypes (from cached features
+        where possible) and write it all in one guarded transaction (`StoreConflict` if the set changed
+        since `manifest` was read). The response is rendered before the write."""
+        set_id, tenant = manifest.id, manifest.tenant
+        old_revision = None if new else manifest.revision
+        self._check_alive(manifest)
+        ttl = manifest.remaining_ttl()
         batch = Batch()
-
-        # Decode each distinct upload once (unless the set already holds its clip).
-        by_hash = {upload.sha256: upload for upload in uploads}
-        known_hashes = {video.sha256 for video in manifest.videos}
-        new_clips = await self._decoder.decode_many({h: u for h, u in by_hash.items() if h not in known_hashes})
-        for h, clip in new_clips.items():
-            batch.array(keys.clip_key(tenant, set_id, h), clip)
-
-        manifest.add([Video(upload.sha256, label, upload.filename, upload.size)
-                      for upload, label in zip(uploads, labels)])
-        prototypes = await self._build_prototypes(manifest, batch, fresh_clips=new_clips)
+        known = {video.sha256 for video in manifest.videos}
+        for h, clip in clips.items():
+            if h not in known:
+                batch.array(keys.clip_key(tenant, set_id, h), clip)
+        manifest.add(list(videos))
+        prototypes = await self._build_prototypes(manifest, batch, fresh_clips=clips)
         batch.array(keys.prototype_key(tenant, set_id, self._model.fingerprint, manifest.revision), prototypes)
         batch.json(keys.manifest_key(tenant, set_id), manifest.to_json())  # last: the set appears complete
+        described = self.describe(manifest)  # rendered before anything is written
         await self._store.write_batch(batch, ttl_s=ttl, guard=(keys.manifest_key(tenant, set_id), old_revision))
         if not new:
             await self._drop_old_prototypes(tenant, set_id, keep_revision=manifest.revision)
-        return self.describe(manifest)
+        return described
 
     # ------------------------------------------------------------------ prototypes
     async def prototypes(self, manifest: Manifest) -> np.ndarray:

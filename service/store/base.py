@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from service.bounds import MAX_TTL_S
 from service.errors import Conflict, StoreUnavailable
 
 __all__ = ["Store", "StoreUnavailable", "StoreConflict", "StoreDataError", "Batch", "encode_array",
@@ -191,9 +192,13 @@ def guard_matches(current: bytes | None, expected_revision: int | None) -> bool:
 
 
 def ttl_seconds(ttl_s: float | None) -> int | None:
-    """A TTL as whole seconds for `SET ... EX` (rounded up, at least 1), or None for no expiry."""
+    """A TTL as whole seconds for `SET ... EX` (rounded up, at least 1), or None for no expiry.
+
+    Raises ValueError (before anything is written) for a TTL that is not a finite number from above 0
+    to `MAX_TTL_S`: callers validate lifetimes first, so this is a bug, never a request to retry."""
     if ttl_s is None:
         return None
-    if ttl_s <= 0:
-        raise ValueError(f"ttl_s must be positive or None, got {ttl_s}")
+    if isinstance(ttl_s, bool) or not isinstance(ttl_s, (int, float)) or not math.isfinite(ttl_s) \
+            or not 0 < ttl_s <= MAX_TTL_S:
+        raise ValueError(f"ttl_s must be a number of seconds in (0, {MAX_TTL_S}] or None, got {ttl_s!r}")
     return max(1, math.ceil(ttl_s))
