@@ -10,10 +10,7 @@ the gateway and Redis that kills Redis at a precise point of the registration's 
 from __future__ import annotations
 
 import re
-import shutil
-import signal
 import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -23,6 +20,7 @@ import httpx
 import pytest
 import redis
 
+from service.harness import RedisServer
 from tests.service.live_gateway import LiveGateway, free_port
 from tests.service.test_api import LABELS, assert_error, class_video, classify, register, running, tiny_settings, \
     upload_form
@@ -30,47 +28,19 @@ from tests.service.test_api import LABELS, assert_error, class_video, classify, 
 pytestmark = pytest.mark.timeout(300)
 
 
-class AofRedis:
+class AofRedis(RedisServer):
     """A private `redis-server` with append-only persistence in `workdir`; SIGKILL and restart keep data.
 
     `appendfsync` as in production (docker-compose.yml: everysec); "always" where a test needs every
     acknowledged write on disk before the next command is answered."""
 
     def __init__(self, workdir: Path, appendfsync: str = "everysec") -> None:
-        self.appendfsync = appendfsync
-        self.binary = shutil.which("redis-server")
-        if self.binary is None:
-            pytest.fail("`redis-server` is not installed (apt-get install redis-server).", pytrace=False)
-        self.workdir = workdir
-        self.port = free_port()
-        self.proc: subprocess.Popen | None = None
+        super().__init__(workdir, args=["--appendonly", "yes", "--appendfsync", appendfsync, "--save", ""],
+                         db=13, log_path=workdir / "redis.log")
 
-    def url(self, port: int | None = None) -> str:
-        return f"redis://127.0.0.1:{port or self.port}/13"
-
-    def start(self) -> None:
-        assert self.proc is None or self.proc.poll() is not None, "redis-server is still running"
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir),
-             "--appendonly", "yes", "--appendfsync", self.appendfsync, "--save", "", "--protected-mode", "yes"],
-            stdout=open(self.workdir / "redis.log", "ab"), stderr=subprocess.STDOUT)
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2, socket_timeout=1)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"redis-server exited with code {self.proc.returncode}"
-            try:
-                if client.ping():
-                    return
-            except (redis.ConnectionError, redis.BusyLoadingError):
-                time.sleep(0.05)
-        pytest.fail("redis-server did not come up", pytrace=False)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(5)
-        self.proc = None
+    def url_via(self, port: int) -> str:
+        """The URL of this server's database through another port (a proxy in front of it)."""
+        return f"redis://127.0.0.1:{port}/{self.db}"
 
     def exists(self, pattern: str) -> bool:
         return bool(self.keys(pattern))
@@ -96,7 +66,7 @@ def aof_redis(tmp_path: Path) -> Iterator[AofRedis]:
 # ------------------------------------------------------------------ kill and restart everything
 def test_sigkilled_redis_and_gateway_lose_no_support_set(aof_redis: AofRedis, tmp_path: Path) -> None:
     clips = {(c, s): class_video(c, s) for c in range(3) for s in range(2)}
-    settings = tiny_settings(redis_url=aof_redis.url(), redis_prefix="fsar:", decode_concurrency=1)
+    settings = tiny_settings(redis_url=aof_redis.url, redis_prefix="fsar:", decode_concurrency=1)
     gateway = LiveGateway(settings, tmp_path / "gateway")
     gateway.start()
     try:
@@ -277,7 +247,7 @@ async def test_redis_killed_during_a_registration_write_leaves_all_or_nothing(tm
     aof_redis.start()
     proxy = KillingProxy(aof_redis, when)
     clips = [class_video(c, s) for c in range(3) for s in range(2)]
-    settings = tiny_settings(redis_url=aof_redis.url(proxy.port), redis_prefix="fsar:")
+    settings = tiny_settings(redis_url=aof_redis.url_via(proxy.port), redis_prefix="fsar:")
     try:
         async with running(settings) as (client, service):
             files, data = upload_form([(clip, LABELS[i // 2]) for i, clip in enumerate(clips)])
