@@ -268,11 +268,15 @@ function heatColour(value, low, high) {
 function drawHeatmap(area, explanation, entry) {
   area.replaceChildren();
   const T = explanation.num_frames, thumbs = explanation.query_thumbnails;
-  const cell = 56, margin = thumbs.length ? cell + 8 : 36, top = 28;
+  const cell = 56, margin = thumbs.length ? cell + 8 : 36, top = 44;
   const size = T * cell;
-  area.setAttribute("viewBox", `0 0 ${margin + size + 8} ${top + size + 8}`);
-  area.setAttribute("width", margin + size + 8);
+  const width = Math.max(margin + size + 8, 360);
+  area.setAttribute("viewBox", `0 0 ${width} ${top + size + 8}`);
+  area.setAttribute("width", width);
   area.setAttribute("height", top + size + 8);
+  const heading = svg("text", { x: margin, y: 14, class: "axis axis-title" });
+  heading.textContent = entry ? `prototype "${entry.label}" frames →` : "query frames ↓";
+  area.append(heading);
   for (let j = 0; j < T; j++) {
     const label = svg("text", { x: margin + j * cell + cell / 2, y: top - 8, "text-anchor": "middle", class: "axis" });
     label.textContent = `p${j}`;
