@@ -191,6 +191,8 @@ def run_demo(workdir: Path = DEFAULT_WORKDIR, host: str = "127.0.0.1", port: Opt
         say("try it (paste into another terminal while this one serves):")
         for block in result.curl:
             say(block)
+        say("")
+        say(f"page: {url}/ui (register clips, classify, see why a clip got its label)")
         if serve_forever:
             say("")
             say(f"serving on {url}; Ctrl-C to stop")

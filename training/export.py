@@ -17,12 +17,14 @@ Models and tensors (``B`` is Triton's implicit batch dimension where ``max_batch
     video_encoder  FRAMES UINT8 [B, T, H, W, 3] (RGB at the model's input size; normalised inside)
                    + TEXT_FEATS FP32 [B, D], optional: each support video's label text feature
                    -> FRAME_FEATS FP32 [B, T, D]
-    fewshot_head   OP BYTES [1] = "prototypes" | "classify" | "zero_shot", and by OP:
+    fewshot_head   OP BYTES [1] = "prototypes" | "classify" | "zero_shot" | "explain", and by OP:
                    prototypes: SUPPORT_FEATS [S, T, D], SUPPORT_LABELS INT64 [S], TEXT_FEATS [N, D]
                                -> PROTOTYPES FP32 [N, T, D]
                    classify:   QUERY_FEATS [Q, T, D], PROTOTYPES [N, T, D], TEXT_FEATS [N, D] optional
                                -> LOGITS FP32 [Q, N]
                    zero_shot:  QUERY_FEATS [Q, T, D], TEXT_FEATS [N, D] -> LOGITS FP32 [Q, N]
+                   explain:    QUERY_FEATS [Q, T, D], PROTOTYPES [N, T, D] -> SIMILARITY FP32 [Q, N, T, T],
+                               ALIGNMENT FP32 [Q, N, 2, T, T] (training.model.explain)
 
 The encoders batch dynamically; the dynamic batcher merges only consecutive requests with the
 same inputs, so video requests with TEXT_FEATS (support videos) and without (queries) form
@@ -284,12 +286,15 @@ def _fewshot_head_config(embed_dim: int, num_frames: int, kind: str, parameters:
          _tensor("QUERY_FEATS", "TYPE_FP32", feats, optional=True),
          _tensor("PROTOTYPES", "TYPE_FP32", feats, optional=True)],
         [_tensor("PROTOTYPES", "TYPE_FP32", feats),
-         _tensor("LOGITS", "TYPE_FP32", [-1, -1])],
+         _tensor("LOGITS", "TYPE_FP32", [-1, -1]),
+         _tensor("SIMILARITY", "TYPE_FP32", [-1, -1, num_frames, num_frames]),
+         _tensor("ALIGNMENT", "TYPE_FP32", [-1, -1, 2, num_frames, num_frames])],
         kind, parameters, None,
         "fsar few-shot head: TPCM + temporal metric (written by `fsar export`). One episode a request.\n"
         'OP "prototypes": SUPPORT_FEATS [S,T,D], SUPPORT_LABELS [S] (0..N-1), TEXT_FEATS [N,D] -> PROTOTYPES [N,T,D]\n'
         'OP "classify": QUERY_FEATS [Q,T,D], PROTOTYPES [N,T,D], TEXT_FEATS [N,D] optional -> LOGITS [Q,N]\n'
         'OP "zero_shot": QUERY_FEATS [Q,T,D], TEXT_FEATS [N,D] -> LOGITS [Q,N]\n'
+        'OP "explain": QUERY_FEATS [Q,T,D], PROTOTYPES [N,T,D] -> SIMILARITY [Q,N,T,T], ALIGNMENT [Q,N,2,T,T]\n'
         "softmax(LOGITS) over N gives the class probabilities.")
 
 
@@ -298,10 +303,11 @@ _IO_DOC = {
     "video_encoder": {"inputs": {"FRAMES": "UINT8 [B, T, H, W, 3]", "TEXT_FEATS": "FP32 [B, D] (optional)"},
                       "outputs": {"FRAME_FEATS": "FP32 [B, T, D]"}},
     "fewshot_head": {
-        "inputs": {"OP": "BYTES [1]: prototypes | classify | zero_shot", "SUPPORT_FEATS": "FP32 [S, T, D]",
+        "inputs": {"OP": "BYTES [1]: prototypes | classify | zero_shot | explain", "SUPPORT_FEATS": "FP32 [S, T, D]",
                    "SUPPORT_LABELS": "INT64 [S]", "TEXT_FEATS": "FP32 [N, D]", "QUERY_FEATS": "FP32 [Q, T, D]",
                    "PROTOTYPES": "FP32 [N, T, D]"},
-        "outputs": {"PROTOTYPES": "FP32 [N, T, D] (prototypes)", "LOGITS": "FP32 [Q, N] (classify, zero_shot)"}},
+        "outputs": {"PROTOTYPES": "FP32 [N, T, D] (prototypes)", "LOGITS": "FP32 [Q, N] (classify, zero_shot)",
+                    "SIMILARITY": "FP32 [Q, N, T, T] (explain)", "ALIGNMENT": "FP32 [Q, N, 2, T, T] (explain)"}},
 }
 
 

@@ -5,9 +5,9 @@ failure stops the server at start-up), wires them into an `FsarService` and clos
 shutdown. API keys are read when the app is created (a bad key configuration stops it there).
 Every error leaves as `{"error": {"code": ..., "message": ...}}` (see `service/errors.py`).
 
-Middleware, outermost first: request metrics -> access (API key 401, rate limit 429) -> body size
-limit (413) -> multipart closing boundary (400) -> routes. Access and size checks answer before the
-body is read.
+Middleware, outermost first: request metrics -> the page's static files (`routes_ui.UiMiddleware`) ->
+access (API key 401, rate limit 429) -> body size limit (413) -> multipart closing boundary (400) ->
+routes. Access and size checks answer before the body is read.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.api import routes_classify, routes_ops, routes_support_sets
+from service.api import routes_classify, routes_ops, routes_support_sets, routes_ui
 from service.api.multipart import MultipartEndMiddleware
 from service.auth import AccessMiddleware, describe_access, load_key_ring
 from service.backends import create_backend
@@ -91,11 +91,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(routes_support_sets.router)
     app.include_router(routes_classify.router)
     app.include_router(routes_ops.router)
+    app.include_router(routes_ui.router)
     install_error_handlers(app)
     # Outermost last: metrics see every response, including 401/429s and 413s from the body limit.
     app.add_middleware(MultipartEndMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_upload_bytes)
     app.add_middleware(AccessMiddleware, key_ring=key_ring, metrics=metrics)
+    # The page (/ui, its files, with its Content-Security-Policy) loads without a key; it then asks for one.
+    app.add_middleware(routes_ui.UiMiddleware)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     return app
 

@@ -10,13 +10,15 @@ from service.api.deps import get_service, get_tenant, stored_uploads
 from service.api.schemas import ClassifyResponse, ErrorResponse, Label
 from service.bounds import MAX_LABELS, MAX_SET_ID_CHARS, MAX_TOP_K, SET_ID_PATTERN
 from service.core import FsarService
+from service.core.explain import EXPLAIN_TOP_CLASSES, EXPLANATION_MAX_BYTES
 
 router = APIRouter(tags=["classify"])
 
 _ERRORS = {status: {"model": ErrorResponse} for status in (401, 404, 409, 413, 415, 422, 429, 503)}
 
 
-@router.post("/classify", response_model=ClassifyResponse, responses=_ERRORS, summary="Classify a video")
+@router.post("/classify", response_model=ClassifyResponse, response_model_exclude_unset=True, responses=_ERRORS,
+             summary="Classify a video")
 async def classify(
     video: Annotated[UploadFile, File(description="The query video.")],
     service: Annotated[FsarService, Depends(get_service)],
@@ -33,11 +35,19 @@ async def classify(
                     "p = w * softmax(Q2T) + (1 - w) * softmax(Q2S) (0 = the examples alone, 1 = the label "
                     "texts alone). Hybrid: replaces hybrid_text_weight. Unset: the model's and the "
                     "server's weights.")] = None,
+    explain: Annotated[bool, Form(
+        description=f"Add an `explanation`: for the {EXPLAIN_TOP_CLASSES} best predictions with a prototype, the "
+                    "frame-to-frame similarity of the query with the prototype and the metric's alignment, plus "
+                    f"JPEG thumbnails of the sampled query frames; at most {EXPLANATION_MAX_BYTES} bytes of "
+                    "JSON.")] = False,
 ) -> dict:
     """Scores are probabilities that sum to 1 over all candidate labels
     (see `service.core.classify.Classifier.classify`)."""
     # The video lives in a file in upload_dir while the request runs (never whole in memory).
     async with stored_uploads([video], service.settings.upload_dir) as (upload,):
         result = await service.classify(upload, support_set_id=support_set_id, labels=labels, top_k=top_k,
-                                        tenant=tenant, text_weight=text_weight)
-    return asdict(result)
+                                        tenant=tenant, text_weight=text_weight, explain=explain)
+    body = asdict(result)
+    if body.get("explanation") is None:
+        body.pop("explanation", None)  # absent, not null, without explain
+    return body

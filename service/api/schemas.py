@@ -10,6 +10,8 @@ from service.bounds import MAX_LABEL_FIELD_CHARS
 #: One label as sent in a form (cleaned and checked again by `service.core.checks.clean_labels`).
 Label = Annotated[str, StringConstraints(max_length=MAX_LABEL_FIELD_CHARS)]
 
+from service.core.explain import EXPLAIN_TOP_CLASSES, EXPLANATION_MAX_BYTES
+
 
 class ErrorDetail(BaseModel):
     code: str = Field(description="Stable machine-readable code, e.g. 'support_set_not_found'.")
@@ -89,6 +91,37 @@ class Timings(BaseModel):
     match: float = Field(description="Milliseconds fetching prototypes and matching.")
 
 
+class ExplainedClass(BaseModel):
+    """One explained class: the query's frames against its prototype's frames."""
+
+    label: str
+    score: float = Field(description="The class's probability (as in `predictions`).")
+    source: Literal["support", "text", "both"]
+    similarity: list[list[float]] = Field(
+        description="[T, T] cosine similarity: row i = query frame i after TPCM's query path, column j = "
+                    "prototype frame j.")
+    query_to_prototype: list[list[int]] = Field(
+        description="[[i, j], ...] alignment walking the query's frames: OTAM's hard-min path (same padded DP), "
+                    "Bi-MHM each query frame's nearest prototype frame; empty for mean and TRX.")
+    prototype_to_query: list[list[int]] = Field(
+        description="[[i, j], ...] the other direction: OTAM's path walking the prototype's frames, Bi-MHM each "
+                    "prototype frame's nearest query frame; empty for mean and TRX.")
+
+
+class Explanation(BaseModel):
+    """Why the query got its scores (`explain=true`); its JSON is at most `max_bytes` bytes."""
+
+    metric: str = Field(description="The temporal metric the scores came from.")
+    num_frames: int = Field(description="T, frames sampled per video.")
+    alignment: Literal["otam_path", "nearest_frames", "none"]
+    thumbnail_size: int = Field(description="Side in pixels of each thumbnail (0: none sent).")
+    query_thumbnails: list[str] = Field(description="Base64 JPEGs of the T sampled query frames, in order.")
+    classes: list[ExplainedClass] = Field(
+        description="The best predictions that have a prototype (up to 3; none in zero-shot mode).")
+    truncated: bool = Field(description="True when thumbnails, classes or matrices were cut to fit max_bytes.")
+    max_bytes: int = Field(description="Upper bound of this object's JSON size.")
+
+
 class ClassifyResponse(BaseModel):
     """The answer to `POST /classify`."""
 
@@ -102,6 +135,9 @@ class ClassifyResponse(BaseModel):
     model: str = Field(description="Fingerprint of the model that produced the scores.")
     query_cache_hit: bool = Field(description="True when the query features came from the cache.")
     timings_ms: Timings
+    explanation: Explanation | None = Field(
+        None, description=f"Only with explain=true: similarities, alignments and thumbnails (at most {EXPLANATION_MAX_BYTES} "
+              "bytes of JSON).")
 
 
 class Health(BaseModel):

@@ -9,6 +9,7 @@ never re-implements model math:
     support features [S, T, D] + labels [S] + text [N, D] --build_prototypes--> prototypes [N, T, D]
     query features [Q, T, D] + prototypes [N, T, D] (+ text [N, D]) --classify--> logits [Q, N]
     query features [Q, T, D] + text [N, D] --zero_shot--> logits [Q, N]
+    query features [Q, T, D] + prototypes [N, T, D] --explain--> similarity [Q, N, T, T], alignment [Q, N, 2, T, T]
 
 softmax(logits) over the last axis gives the model's probabilities.
 """
@@ -61,6 +62,13 @@ class Backend(ABC):
     @abstractmethod
     async def zero_shot(self, query_feats: np.ndarray, text_feats: np.ndarray) -> np.ndarray:
         """Zero-shot logits `[Q, N]` of queries `[Q, T, D]` against label text features `[N, D]`."""
+
+    async def explain(self, query_feats: np.ndarray, prototypes: np.ndarray) -> dict[str, np.ndarray]:
+        """Why queries `[Q, T, D]` score as they do against prototypes `[N, T, D]`:
+        `{"similarity": float32 [Q, N, T, T], "alignment": float32 [Q, N, 2, T, T]}` (cosine of the query's
+        frames after TPCM's query path with the prototype's frames; two 0/1 masks of the metric's
+        alignment, see `training.model.explain`). Backends without it raise `NotImplementedError`."""
+        raise NotImplementedError(f"the {self.name} backend cannot explain classifications")
 
     @abstractmethod
     def info(self) -> dict[str, Any]:

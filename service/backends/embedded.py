@@ -170,3 +170,7 @@ class EmbeddedBackend(Backend):
     async def zero_shot(self, query_feats: np.ndarray, text_feats: np.ndarray) -> np.ndarray:
         """`[Q, T, D]`, `[N, D]` -> logits `[Q, N]`."""
         return await self._run(lambda runner: runner.zero_shot(query_feats, text_feats))
+
+    async def explain(self, query_feats: np.ndarray, prototypes: np.ndarray) -> dict[str, np.ndarray]:
+        """`[Q, T, D]`, `[N, T, D]` -> similarity `[Q, N, T, T]`, alignment `[Q, N, 2, T, T]`."""
+        return await self._run(lambda runner: runner.explain(query_feats, prototypes))

@@ -6,7 +6,8 @@ through `tritonclient.grpc.aio`; no torch is imported here. One client per proce
 
     frames uint8 [B, T, S, S, 3]  --video_encoder (FRAMES [+ TEXT_FEATS])--> FRAME_FEATS [B, T, D]
     labels [N]                    --text_encoder (LABEL BYTES [N, 1])------> TEXT_FEATS [N, D]
-    fewshot_head OP prototypes | classify | zero_shot                    --> PROTOTYPES [N, T, D] | LOGITS [Q, N]
+    fewshot_head OP prototypes | classify | zero_shot | explain          --> PROTOTYPES [N, T, D] | LOGITS [Q, N]
+                                                                          | SIMILARITY [Q, N, T, T], ALIGNMENT [Q, N, 2, T, T]
 
 Model facts (fingerprint = checkpoint hash, backbone, adapter, metric, T, input size, D, prompt, the
 full model config) come from the `fsar_*` parameters of the models' `config.pbtxt`, read with
@@ -305,14 +306,19 @@ class TritonBackend(Backend):
         return np.concatenate([output[0] for output in outputs]).astype(np.float32, copy=False)
 
     async def _head(self, op: str, output: str, **arrays: np.ndarray) -> np.ndarray:
+        (result,) = await self._head_outputs(op, [output], **arrays)
+        return result
+
+    async def _head_outputs(self, op: str, outputs: Sequence[str], **arrays: np.ndarray) -> list[np.ndarray]:
+        """One fewshot_head request: OP and the named arrays in, the named float32 outputs back."""
         inputs = [_input("OP", _bytes_array([op]), "BYTES")]
         for name, array in arrays.items():
             if array.dtype.kind in "iu":
                 inputs.append(_input(name, np.ascontiguousarray(array, dtype=np.int64), "INT64"))
             else:
                 inputs.append(_float_input(name, array))
-        (result,) = await self._infer(HEAD_MODEL, inputs, [output])
-        return result.astype(np.float32, copy=False)
+        results = await self._infer(HEAD_MODEL, inputs, list(outputs))
+        return [result.astype(np.float32, copy=False) for result in results]
 
     async def build_prototypes(self, support_feats: np.ndarray, support_labels: np.ndarray,
                                text_feats: np.ndarray) -> np.ndarray:
@@ -334,3 +340,9 @@ class TritonBackend(Backend):
     async def zero_shot(self, query_feats: np.ndarray, text_feats: np.ndarray) -> np.ndarray:
         """`[Q, T, D]`, `[N, D]` -> logits `[Q, N]`."""
         return await self._head("zero_shot", "LOGITS", QUERY_FEATS=query_feats, TEXT_FEATS=text_feats)
+
+    async def explain(self, query_feats: np.ndarray, prototypes: np.ndarray) -> dict[str, np.ndarray]:
+        """`[Q, T, D]`, `[N, T, D]` -> similarity `[Q, N, T, T]`, alignment `[Q, N, 2, T, T]`."""
+        similarity, alignment = await self._head_outputs("explain", ["SIMILARITY", "ALIGNMENT"],
+                                                         QUERY_FEATS=query_feats, PROTOTYPES=prototypes)
+        return {"similarity": similarity, "alignment": alignment}

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 
 from service.backends.base import softmax
 from service.core.checks import check_not_empty, clean_labels, unique
+from service.core.explain import Explainer
 from service.core.features import Features
 from service.core.instrumented import CountedBackend
 from service.core.model import ModelFacts
@@ -41,21 +42,24 @@ class Classification:
     model: str  # fingerprint
     query_cache_hit: bool
     timings_ms: dict[str, float]  # decode, encode, match
+    explanation: dict[str, Any] | None = None  # with explain=True (service/core/explain.py)
 
 
 class Classifier:
     """Labels query videos against a tenant's support set, label texts, or both."""
 
     def __init__(self, settings: Settings, backend: CountedBackend, model: ModelFacts, features: Features,
-                 support_sets: SupportSets) -> None:
+                 support_sets: SupportSets, explainer: Explainer | None = None) -> None:
         self._settings = settings
+        self._explainer = explainer
         self._backend = backend
         self._model = model
         self._features = features
         self._support_sets = support_sets
 
     async def classify(self, upload: Upload, *, support_set_id: str | None, labels: Sequence[str] | None,
-                       top_k: int | None, tenant: str | None, text_weight: float | None = None) -> Classification:
+                       top_k: int | None, tenant: str | None, text_weight: float | None = None,
+                       explain: bool = False) -> Classification:
         """Label one query video (few-shot against one of the tenant's sets).
 
         - few-shot (`support_set_id`): the model's `classify` against the set's cached prototypes
@@ -76,6 +80,7 @@ class Classifier:
         hybrid, it replaces `hybrid_text_weight`. None keeps the model's and the settings' weights.
 
         Scores are probabilities summing to 1 over all candidates; `top_k` keeps the best k.
+        `explain` adds an `explanation` (`service.core.explain.Explainer.explain`).
         """
         labels = unique(clean_labels(labels or []))
         self._check(labels, support_set_id, top_k, text_weight)
@@ -88,7 +93,7 @@ class Classifier:
 
         candidates: list[str] = []
         sources: dict[str, Source] = {}
-        few_probs = zero_probs = None
+        few_probs = zero_probs = prototypes = None
         if manifest is not None:
             classes = list(manifest.classes)
             with timings.measure("match"):
@@ -117,17 +122,21 @@ class Classifier:
 
         mode, probs = self._fuse(few_probs, zero_probs, len(candidates), text_weight)
         order = np.argsort(-probs, kind="stable")
-        if top_k is not None:
-            order = order[:top_k]
+        ranked = [Prediction(candidates[i], float(probs[i]), sources[candidates[i]]) for i in order]
+        explanation = None
+        if explain and self._explainer is not None:
+            explanation = await self._explainer.explain(upload, query_feats, prototypes,
+                                                        list(manifest.classes) if manifest else [], ranked)
         return Classification(
             mode=mode,
-            predictions=[Prediction(candidates[i], float(probs[i]), sources[candidates[i]]) for i in order],
+            predictions=ranked[:top_k] if top_k is not None else ranked,
             support_set_id=support_set_id,
             labels=labels or None,
             num_candidates=len(candidates),
             model=self._model.fingerprint,
             query_cache_hit=cache_hit,
             timings_ms=timings.milliseconds(),
+            explanation=explanation,
         )
 
     async def _mixed(self, query_batch: np.ndarray, prototypes: np.ndarray, class_text: np.ndarray,

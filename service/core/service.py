@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 from service.backends.base import Backend
 from service.core.classify import Classification, Classifier
+from service.core.explain import Explainer
 from service.core.features import Features
 from service.core.ingest import Decoder
 from service.core.instrumented import CountedBackend, TimedStore
@@ -41,8 +42,9 @@ class FsarService:
                                   settings.query_cache_ttl_s)
         self._support_sets = SupportSets(settings, timed_store, counted_backend, self.model_facts, self._decoder,
                                          self._features, metrics)
+        self.explainer = Explainer(backend, self._decoder, self.model_facts, metrics)
         self._classifier = Classifier(settings, counted_backend, self.model_facts, self._features,
-                                      self._support_sets)
+                                      self._support_sets, self.explainer)
 
     async def close(self) -> None:
         await self._decoder.close()
@@ -82,10 +84,12 @@ class FsarService:
     # ------------------------------------------------------------------ classification
     async def classify(self, upload: Upload, *, support_set_id: str | None = None,
                        labels: Sequence[str] | None = None, top_k: int | None = None,
-                       tenant: str | None = None, text_weight: float | None = None) -> Classification:
+                       tenant: str | None = None, text_weight: float | None = None,
+                       explain: bool = False) -> Classification:
         """Label one query video: few-shot, zero-shot or hybrid (`Classifier.classify`)."""
         return await self._classifier.classify(upload, support_set_id=support_set_id, labels=labels,
-                                               top_k=top_k, tenant=tenant, text_weight=text_weight)
+                                               top_k=top_k, tenant=tenant, text_weight=text_weight,
+                                               explain=explain)
 
     # ------------------------------------------------------------------ operations
     def model_card(self) -> dict[str, Any]:

@@ -141,7 +141,7 @@ def test_fewshot_shell_equals_the_runner(served) -> None:
     assert np.array_equal(hybrid.outputs["LOGITS"], runner.classify(queries, prototypes, texts))
     assert np.array_equal(plain.outputs["LOGITS"], runner.classify(queries, prototypes))
     assert np.array_equal(zero.outputs["LOGITS"], runner.zero_shot(queries, texts))
-    assert unknown.error.message == "ValueError: OP must be one of prototypes, classify, zero_shot; got 'train'"
+    assert unknown.error.message == "ValueError: OP must be one of prototypes, classify, zero_shot, explain; got 'train'"
     assert missing.error.message == "ValueError: OP 'classify' needs input(s) PROTOTYPES"
 
 

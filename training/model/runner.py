@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from training.model.explain import explain_alignment
 from training.model.fsar_model import FsarModel
 
 
@@ -78,6 +79,13 @@ class ModelRunner:
         """Queries ``[Q, T, D]`` against label text features ``[N, D]`` -> logits float32 ``[Q, N]``."""
         with torch.inference_mode():
             return _numpy(self.model.zero_shot(self._floats(query_feats), self._floats(text_feats)))
+
+    def explain(self, query_feats: np.ndarray, prototypes: np.ndarray) -> dict[str, np.ndarray]:
+        """Why queries ``[Q, T, D]`` score as they do against prototypes ``[N, T, D]``:
+        ``{"similarity": float32 [Q, N, T, T], "alignment": float32 [Q, N, 2, T, T]}``
+        (:func:`training.model.explain.explain_alignment`)."""
+        with torch.inference_mode():
+            return explain_alignment(self.model, self._floats(query_feats), self._floats(prototypes))
 
     # ------------------------------------------------------------------ conversions
     def _tensor(self, array: np.ndarray) -> Tensor:

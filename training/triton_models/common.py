@@ -23,6 +23,7 @@ FEWSHOT_OPS: Dict[str, Tuple[str, ...]] = {
     "prototypes": ("SUPPORT_FEATS", "SUPPORT_LABELS", "TEXT_FEATS"),
     "classify": ("QUERY_FEATS", "PROTOTYPES"),
     "zero_shot": ("QUERY_FEATS", "TEXT_FEATS"),
+    "explain": ("QUERY_FEATS", "PROTOTYPES"),
 }
 #: Every optional input of the few-shot head.
 FEWSHOT_INPUTS = ("SUPPORT_FEATS", "SUPPORT_LABELS", "TEXT_FEATS", "QUERY_FEATS", "PROTOTYPES")
@@ -104,6 +105,8 @@ def fewshot_op(runner: ModelRunner, op: str, inputs: Mapping[str, Optional[np.nd
     ``prototypes``: SUPPORT_FEATS [S,T,D], SUPPORT_LABELS [S], TEXT_FEATS [N,D] -> PROTOTYPES [N,T,D].
     ``classify``: QUERY_FEATS [Q,T,D], PROTOTYPES [N,T,D], TEXT_FEATS [N,D] or None -> LOGITS [Q,N].
     ``zero_shot``: QUERY_FEATS [Q,T,D], TEXT_FEATS [N,D] -> LOGITS [Q,N].
+    ``explain``: QUERY_FEATS [Q,T,D], PROTOTYPES [N,T,D] -> SIMILARITY [Q,N,T,T], ALIGNMENT [Q,N,2,T,T]
+    (:func:`training.model.explain.explain_alignment`).
 
     Raises:
         ValueError: unknown op, or an input the op needs is missing (the model raises for bad shapes).
@@ -118,6 +121,9 @@ def fewshot_op(runner: ModelRunner, op: str, inputs: Mapping[str, Optional[np.nd
                                                       inputs["TEXT_FEATS"])}
     if op == "classify":
         return {"LOGITS": runner.classify(inputs["QUERY_FEATS"], inputs["PROTOTYPES"], inputs.get("TEXT_FEATS"))}
+    if op == "explain":
+        explained = runner.explain(inputs["QUERY_FEATS"], inputs["PROTOTYPES"])
+        return {"SIMILARITY": explained["similarity"], "ALIGNMENT": explained["alignment"]}
     return {"LOGITS": runner.zero_shot(inputs["QUERY_FEATS"], inputs["TEXT_FEATS"])}
 
 
