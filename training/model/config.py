@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from dataclasses import dataclass
-from typing import Any, Dict, List, Literal, Mapping, Optional
+from typing import Any, Dict, List, Literal, Mapping, Optional, Union
 
 ADAPTERS = ("none", "ted", "ma", "ted+ma")
 METRICS = ("otam", "bimhm", "mean", "trx")
@@ -60,7 +60,12 @@ class ModelConfig:
         tpcm_heads, tpcm_ffn, tpcm_attn_dropout: its heads, FFN width and attention dropout.
         metric: temporal alignment metric ``otam`` | ``bimhm`` | ``mean`` | ``trx``.
         otam_lambda: OTAM smooth-min temperature (0.5 as in CLIP-FSAR).
-        metric_scale_init: initial value of the learnable scale on ``-distance`` (Q2S logits).
+        metric_scale_init: initial value of the learnable scale on ``-distance`` (Q2S logits). None
+            (or ``"auto"``, stored as None) derives it when the model is built: CLIP's
+            ``exp(logit_scale)`` divided by the number of frame costs the metric's distance adds up
+            to (``2T`` for otam, 2 for bimhm, 1 for mean; trx from its value maps and the features'
+            norm), so an untrained model's Q2S logits are in the same units as its Q2T logits. A
+            number is used as given (checkpoints store the learned scale either way).
         learn_metric_scale: whether that scale trains.
         alpha: weight of Q2T (text) probabilities in few-shot prediction and loss.
         prompt: template for label texts; ``{}`` is replaced by the label.
@@ -91,7 +96,7 @@ class ModelConfig:
     tpcm_attn_dropout: float = 0.0
     metric: Literal["otam", "bimhm", "mean", "trx"] = "otam"
     otam_lambda: float = 0.5
-    metric_scale_init: float = 1.0
+    metric_scale_init: Optional[Union[float, Literal["auto"]]] = None
     learn_metric_scale: bool = True
     alpha: float = 0.5
     prompt: str = "a video of {}"
@@ -127,7 +132,16 @@ class ModelConfig:
                     isinstance(i, int) and not isinstance(i, bool) for i in value):
                 raise ModelConfigError(f"{name} must be None (all blocks) or a list of block indices, got {value!r}")
             setattr(self, name, list(value))
-        for name in ("ma_scale", "tpcm_attn_dropout", "otam_lambda", "metric_scale_init", "alpha"):
+        if isinstance(self.metric_scale_init, str) and self.metric_scale_init.lower() == "auto":
+            self.metric_scale_init = None
+        if self.metric_scale_init is not None:
+            if isinstance(self.metric_scale_init, bool) or not isinstance(self.metric_scale_init, (int, float)):
+                raise ModelConfigError(f"metric_scale_init must be a positive number, or None / 'auto' to derive it "
+                                       f"from CLIP's logit scale, got {self.metric_scale_init!r}")
+            self.metric_scale_init = float(self.metric_scale_init)
+            if not self.metric_scale_init > 0.0:
+                raise ModelConfigError(f"metric_scale_init must be positive, got {self.metric_scale_init}")
+        for name in ("ma_scale", "tpcm_attn_dropout", "otam_lambda", "alpha"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ModelConfigError(f"{name} must be a number, got {value!r}")
@@ -138,8 +152,6 @@ class ModelConfig:
             raise ModelConfigError(f"tpcm_attn_dropout must lie in [0, 1), got {self.tpcm_attn_dropout}")
         if self.otam_lambda <= 0.0:
             raise ModelConfigError(f"otam_lambda must be positive, got {self.otam_lambda}")
-        if self.metric_scale_init <= 0.0:
-            raise ModelConfigError(f"metric_scale_init must be positive, got {self.metric_scale_init}")
         for name in ("temporal_adapter", "tpcm", "learn_metric_scale"):
             if not isinstance(getattr(self, name), bool):
                 raise ModelConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
