@@ -1,6 +1,6 @@
 """Model configuration: one plain dataclass, serialisable to and from a dict (like open_clip's JSONs).
 
-Every choice METHODS.md fixes (adapter placement, widths, metric, TPCM, prediction mix) is a field
+Every choice docs/methods.md names (adapter placement, widths, metric, TPCM, prediction mix) is a field
 here, so a checkpoint's config says exactly what was built:
 
     cfg = ModelConfig(backbone="ViT-B-16", pretrained="openai", adapter="ted", metric="otam")
@@ -28,7 +28,7 @@ class ModelConfigError(ValueError):
 class ModelConfig:
     """What :func:`training.model.build_model` builds.
 
-    Backbone (METHODS.md section 1):
+    Backbone (docs/methods.md section 1):
         backbone: open_clip model name (``ViT-B-16``, ``ViT-B-32``, ``ViT-L-14``, ``fsar-tiny``...).
         pretrained: an open_clip pretrained tag (``"openai"``), a local open_clip state_dict file, or
             None for random weights (tests and demos; logged loudly and recorded on the model).
@@ -37,7 +37,7 @@ class ModelConfig:
             (or use the ``-quickgelu`` model name).
         precision: dtype of the whole model (``fp32``; ``fp16`` / ``bf16`` for GPU inference).
 
-    Adapters:
+    Adapters (docs/methods.md sections 2-3):
         adapter: ``none`` (frozen CLIP), ``ted`` (M2-CLIP), ``ma`` (MA-CLIP) or ``ted+ma``.
         num_frames: T, frames sampled per video.
         ted_position: where the TED-Adapter sits in a visual block: ``before_mlp`` (released
@@ -55,7 +55,7 @@ class ModelConfig:
         ma_text_token: the learnable D -> C projection of the label text token: one per adapted
             block (``per_block``) or one shared by all blocks (``shared``).
 
-    Few-shot head (METHODS.md sections 3-4):
+    Few-shot head (docs/methods.md sections 4-6 and 8):
         tpcm: text-guided prototype construction module (one transformer layer) on both branches.
         tpcm_heads, tpcm_ffn, tpcm_attn_dropout: its heads, FFN width and attention dropout.
         metric: temporal alignment metric ``otam`` | ``bimhm`` | ``mean`` | ``trx``.

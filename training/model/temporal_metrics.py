@@ -382,9 +382,9 @@ def distance_units(metric: nn.Module, num_frames: int, feature_sq_norm: float | 
 
     - ``mean``: ``1 - cos`` of the temporal means: 1.
     - ``bimhm``: two means of per-frame minima: 2.
-    - ``otam``: every alignment path visits exactly one cell per column of the padded cost matrix,
-      so each direction sums T costs, whatever the smooth-min temperature (it only adds a constant
-      that depends on T, not on the features): ``T + T``.
+    - ``otam``: a cheapest alignment path visits one cell per column of the padded cost matrix, so
+      each direction sums T costs: ``T + T``. The smooth-min also weighs paths that run down the
+      first column (weight ``exp(-extra cost / lam)``): a few percent more at ``lam = 0.5``.
     - ``trx``: for a difference ``delta`` spread evenly over its channels, a value map ``W`` gives
       ``E||W delta||^2 = ||W||_F^2 / fan_in * ||delta||^2``; a tuple of c frames of squared norm
       ``r^2`` differs by ``c * 2 r^2 (1 - cos)``; with ``fan_in = c * D`` the distance per tuple is
