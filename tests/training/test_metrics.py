@@ -30,7 +30,7 @@ def reference_cosine_cost(query: list[list[float]], support: list[list[float]]) 
 
 
 def reference_otam_one_way(cost: list[list[float]], lam: float | None) -> float:
-    """OTAM recursion written out from METHODS.md; lam=None uses the hard minimum."""
+    """OTAM recursion written out from docs/methods.md section 5; lam=None uses the hard minimum."""
 
     def smin(*values: float) -> float:
         if lam is None:

@@ -1,6 +1,6 @@
 """Model configuration: one plain dataclass, serialisable to and from a dict (like open_clip's JSONs).
 
-Every choice METHODS.md fixes (adapter placement, widths, metric, TPCM, prediction mix) is a field
+Every choice docs/methods.md names (adapter placement, widths, metric, TPCM, prediction mix) is a field
 here, so a checkpoint's config says exactly what was built:
 
     cfg = ModelConfig(backbone="ViT-B-16", pretrained="openai", adapter="ted", metric="otam")
@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from dataclasses import dataclass
-from typing import Any, Dict, List, Literal, Mapping, Optional
+from typing import Any, Dict, List, Literal, Mapping, Optional, Union
 
 ADAPTERS = ("none", "ted", "ma", "ted+ma")
 METRICS = ("otam", "bimhm", "mean", "trx")
@@ -28,7 +28,7 @@ class ModelConfigError(ValueError):
 class ModelConfig:
     """What :func:`training.model.build_model` builds.
 
-    Backbone (METHODS.md section 1):
+    Backbone (docs/methods.md section 1):
         backbone: open_clip model name (``ViT-B-16``, ``ViT-B-32``, ``ViT-L-14``, ``fsar-tiny``...).
         pretrained: an open_clip pretrained tag (``"openai"``), a local open_clip state_dict file, or
             None for random weights (tests and demos; logged loudly and recorded on the model).
@@ -37,7 +37,7 @@ class ModelConfig:
             (or use the ``-quickgelu`` model name).
         precision: dtype of the whole model (``fp32``; ``fp16`` / ``bf16`` for GPU inference).
 
-    Adapters:
+    Adapters (docs/methods.md sections 2-3):
         adapter: ``none`` (frozen CLIP), ``ted`` (M2-CLIP), ``ma`` (MA-CLIP) or ``ted+ma``.
         num_frames: T, frames sampled per video.
         ted_position: where the TED-Adapter sits in a visual block: ``before_mlp`` (released
@@ -55,12 +55,17 @@ class ModelConfig:
         ma_text_token: the learnable D -> C projection of the label text token: one per adapted
             block (``per_block``) or one shared by all blocks (``shared``).
 
-    Few-shot head (METHODS.md sections 3-4):
+    Few-shot head (docs/methods.md sections 4-6 and 8):
         tpcm: text-guided prototype construction module (one transformer layer) on both branches.
         tpcm_heads, tpcm_ffn, tpcm_attn_dropout: its heads, FFN width and attention dropout.
         metric: temporal alignment metric ``otam`` | ``bimhm`` | ``mean`` | ``trx``.
         otam_lambda: OTAM smooth-min temperature (0.5 as in CLIP-FSAR).
-        metric_scale_init: initial value of the learnable scale on ``-distance`` (Q2S logits).
+        metric_scale_init: initial value of the learnable scale on ``-distance`` (Q2S logits). None
+            (or ``"auto"``, stored as None) derives it when the model is built: CLIP's
+            ``exp(logit_scale)`` divided by the number of frame costs the metric's distance adds up
+            to (``2T`` for otam, 2 for bimhm, 1 for mean; trx from its value maps and the features'
+            norm), so an untrained model's Q2S logits are in the same units as its Q2T logits. A
+            number is used as given (checkpoints store the learned scale either way).
         learn_metric_scale: whether that scale trains.
         alpha: weight of Q2T (text) probabilities in few-shot prediction and loss.
         prompt: template for label texts; ``{}`` is replaced by the label.
@@ -91,7 +96,7 @@ class ModelConfig:
     tpcm_attn_dropout: float = 0.0
     metric: Literal["otam", "bimhm", "mean", "trx"] = "otam"
     otam_lambda: float = 0.5
-    metric_scale_init: float = 1.0
+    metric_scale_init: Optional[Union[float, Literal["auto"]]] = None
     learn_metric_scale: bool = True
     alpha: float = 0.5
     prompt: str = "a video of {}"
@@ -127,7 +132,16 @@ class ModelConfig:
                     isinstance(i, int) and not isinstance(i, bool) for i in value):
                 raise ModelConfigError(f"{name} must be None (all blocks) or a list of block indices, got {value!r}")
             setattr(self, name, list(value))
-        for name in ("ma_scale", "tpcm_attn_dropout", "otam_lambda", "metric_scale_init", "alpha"):
+        if isinstance(self.metric_scale_init, str) and self.metric_scale_init.lower() == "auto":
+            self.metric_scale_init = None
+        if self.metric_scale_init is not None:
+            if isinstance(self.metric_scale_init, bool) or not isinstance(self.metric_scale_init, (int, float)):
+                raise ModelConfigError(f"metric_scale_init must be a positive number, or None / 'auto' to derive it "
+                                       f"from CLIP's logit scale, got {self.metric_scale_init!r}")
+            self.metric_scale_init = float(self.metric_scale_init)
+            if not self.metric_scale_init > 0.0:
+                raise ModelConfigError(f"metric_scale_init must be positive, got {self.metric_scale_init}")
+        for name in ("ma_scale", "tpcm_attn_dropout", "otam_lambda", "alpha"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ModelConfigError(f"{name} must be a number, got {value!r}")
@@ -138,8 +152,6 @@ class ModelConfig:
             raise ModelConfigError(f"tpcm_attn_dropout must lie in [0, 1), got {self.tpcm_attn_dropout}")
         if self.otam_lambda <= 0.0:
             raise ModelConfigError(f"otam_lambda must be positive, got {self.otam_lambda}")
-        if self.metric_scale_init <= 0.0:
-            raise ModelConfigError(f"metric_scale_init must be positive, got {self.metric_scale_init}")
         for name in ("temporal_adapter", "tpcm", "learn_metric_scale"):
             if not isinstance(getattr(self, name), bool):
                 raise ModelConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from training.model.temporal_metrics import build_metric
+from training.model.temporal_metrics import build_metric, derived_metric_scale, expected_feature_sq_norm
 from training.model.adapters import TemporalAdapter
 from training.model.backbone import Backbone, load_backbone
 from training.model.card import ModelCard
@@ -55,7 +55,8 @@ class FsarModel(nn.Module):
         ma_text_proj: the shared ``D -> C`` text-token projection (``ma_text_token="shared"``), or None.
         tpcm: the text-guided prototype construction layer, or None.
         metric: temporal metric module, ``forward(query [Q,T,D], support [N,T,D]) -> distances [Q,N]``.
-        metric_log_scale: log of the scale on ``-distance`` (Q2S logits).
+        metric_log_scale: log of the scale on ``-distance`` (Q2S logits); starts at
+            ``log(config.metric_scale_init)``, or derived from CLIP's logit scale when that is None.
         weights_source, backbone_hash: where the backbone weights came from and their sha256.
         wrapped_blocks: ``{"visual": [...], "text": [...]}`` indices of adapted blocks.
     """
@@ -83,7 +84,12 @@ class FsarModel(nn.Module):
                           attn_dropout=config.tpcm_attn_dropout) if config.tpcm else None)
         metric_kwargs = {"lam": config.otam_lambda} if config.metric == "otam" else {}
         self.metric = build_metric(config.metric, self.embed_dim, config.num_frames, **metric_kwargs)
-        self.metric_log_scale = nn.Parameter(torch.tensor(math.log(config.metric_scale_init)),
+        metric_scale_init = config.metric_scale_init
+        if metric_scale_init is None:  # Q2S in CLIP's logit units before training (docs/methods.md section 8)
+            metric_scale_init = derived_metric_scale(
+                self.metric, config.num_frames, float(self.clip.logit_scale.detach().double().cpu()),
+                expected_feature_sq_norm(visual.ln_post.weight, visual.ln_post.bias, visual.proj))
+        self.metric_log_scale = nn.Parameter(torch.tensor(math.log(metric_scale_init)),
                                              requires_grad=config.learn_metric_scale)
         self._adapter_roots = sorted(
             f"clip.{name}.{slot}" for name, module in self.clip.named_modules() if isinstance(module, AdaptedBlock)

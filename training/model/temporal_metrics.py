@@ -1,4 +1,4 @@
-"""Temporal alignment metrics between query videos and class prototypes (METHODS.md section 4).
+"""Temporal alignment metrics between query videos and class prototypes (docs/methods.md section 5).
 
 Every metric takes query frame features ``[Q, T, D]`` and class prototypes ``[N, T, D]`` and
 returns distances ``[Q, N]`` (lower = closer; logits are ``-distance``). All of them are
@@ -10,6 +10,8 @@ batched over queries and classes: no Python loop runs over queries, classes or e
 - :func:`bimhm_distance`: HyRSM's bidirectional mean Hausdorff metric.
 - :class:`TRX`: trainable temporal-relational cross-transformer over frame pairs and triples.
 - :func:`build_metric`: the one way to build a metric module from its name.
+- :func:`distance_units` / :func:`derived_metric_scale`: the scale that puts an untrained model's
+  ``-distance`` in CLIP's logit units (docs/methods.md section 8).
 """
 
 from __future__ import annotations
@@ -351,3 +353,73 @@ def build_metric(name: str, dim: int, num_frames: int, **kw: Any) -> nn.Module:
     if key == "bimhm":
         return BiMHM()
     return MeanDistance()
+
+
+# ---------------------------------------------------------------------------- Q2S scale
+def expected_feature_sq_norm(ln_weight: Tensor, ln_bias: Tensor, proj: Tensor) -> float:
+    """Expected squared norm of a frame feature ``ln_post(x) @ proj``, from the weights alone.
+
+    A LayerNorm output is ``weight * x_hat + bias`` with ``x_hat`` of zero mean and unit variance
+    over its C channels; taking those channels as uncorrelated gives
+    ``E||f||^2 = sum_k weight_k^2 ||proj_k||^2 + ||bias @ proj||^2``. Computed in float64 on CPU, so
+    every host gets the same number (the value is part of the model's fingerprint).
+
+    Args:
+        ln_weight, ln_bias: ``[C]`` the final LayerNorm's affine parameters.
+        proj: ``[C, D]`` the projection to the joint embedding.
+    """
+    weight = ln_weight.detach().to("cpu", torch.float64)
+    bias = ln_bias.detach().to("cpu", torch.float64)
+    matrix = proj.detach().to("cpu", torch.float64)
+    return float(weight.pow(2) @ matrix.pow(2).sum(dim=1) + (bias @ matrix).pow(2).sum())
+
+
+def distance_units(metric: nn.Module, num_frames: int, feature_sq_norm: float | None = None) -> float:
+    """How many frame costs ``1 - cos`` an untrained metric's distance adds up to.
+
+    Shifting every frame cost by ``c`` shifts the distance by ``units * c``, so ``-distance / units``
+    moves like one cosine (docs/methods.md section 8):
+
+    - ``mean``: ``1 - cos`` of the temporal means: 1.
+    - ``bimhm``: two means of per-frame minima: 2.
+    - ``otam``: a cheapest alignment path visits one cell per column of the padded cost matrix, so
+      each direction sums T costs: ``T + T``. The smooth-min also weighs paths that run down the
+      first column (weight ``exp(-extra cost / lam)``): a few percent more at ``lam = 0.5``.
+    - ``trx``: for a difference ``delta`` spread evenly over its channels, a value map ``W`` gives
+      ``E||W delta||^2 = ||W||_F^2 / fan_in * ||delta||^2``; a tuple of c frames of squared norm
+      ``r^2`` differs by ``c * 2 r^2 (1 - cos)``; with ``fan_in = c * D`` the distance per tuple is
+      ``2 r^2 ||W_c||_F^2 / D`` costs, averaged over cardinalities.
+
+    Args:
+        metric: a module from :func:`build_metric` (untrained, for ``trx``).
+        num_frames: T.
+        feature_sq_norm: ``r^2``, the squared norm of the frame features (``trx`` only; see
+            :func:`expected_feature_sq_norm`).
+    """
+    if isinstance(metric, MeanDistance):
+        return 1.0
+    if isinstance(metric, BiMHM):
+        return 2.0
+    if isinstance(metric, OTAM):
+        return 2.0 * num_frames
+    if isinstance(metric, TRX):
+        if feature_sq_norm is None or feature_sq_norm <= 0:
+            raise ValueError("TRX's distance units need the frame features' squared norm (feature_sq_norm > 0)")
+        weights = [float(m.value_proj.weight.detach().to("cpu", torch.float64).pow(2).sum())
+                   for m in metric.tuple_attention]
+        return 2.0 * feature_sq_norm * (sum(weights) / len(weights)) / metric.dim
+    raise ValueError(f"no distance units known for metric module {type(metric).__name__}")
+
+
+def derived_metric_scale(metric: nn.Module, num_frames: int, clip_logit_scale: float,
+                         feature_sq_norm: float | None = None) -> float:
+    """``exp(clip_logit_scale) / distance_units(...)``: Q2S logits in CLIP's units before training.
+
+    Args:
+        metric: the metric module (see :func:`distance_units`).
+        num_frames: T.
+        clip_logit_scale: the backbone's ``logit_scale`` parameter (a log; about log(100) for
+            OpenAI CLIP, log(1 / 0.07) for random open_clip weights).
+        feature_sq_norm: squared norm of the frame features (``trx`` only).
+    """
+    return math.exp(clip_logit_scale) / distance_units(metric, num_frames, feature_sq_norm)
