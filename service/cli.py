@@ -208,7 +208,7 @@ def bench_decode_pool_cmd(
     workdir: Optional[Path] = typer.Option(None, help="Where generated clips are cached."),
     encoder_videos_per_s: Optional[float] = typer.Option(
         None, "--encoder-videos-per-s",
-        help="GPU encoder videos/s to compare with (default 1250: eager ViT-B/16 on one H100, SERVING.md); "
+        help="GPU encoder videos/s to compare with (default 1250: eager ViT-B/16 on one H100, docs/performance.md, H100 reference figures); "
              "an input, not measured."),
 ) -> None:
     """Decode pool on all cores: exact and keyframe sampling vs decoding every frame, and vs the GPU encoder."""

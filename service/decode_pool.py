@@ -7,7 +7,7 @@ decode thread forever, or take the whole gateway down. A worker process can be k
 
 `ProcessDecodePool` (the default, setting `decode_isolation=process`):
 - `workers` processes, each a fresh interpreter (fork+exec, as multiprocessing's `spawn`: a plain `fork`
-  after PyAV was used in the parent can hang, SERVING.md) that imports only numpy and `training.video`
+  after PyAV was used in the parent can hang, docs/performance.md) that imports only numpy and `training.video`
   (no torch) and dies with the gateway;
 - one job per worker at a time; the job's arguments and result travel through a socket pair (pickled
   by our own code on both ends, never data from a client). The gateway's uploads are files on disk

@@ -177,7 +177,7 @@ def mean_ci95(accuracies: np.ndarray) -> tuple[float, float]:
 
 
 def swap_metric(model: FsarModel, metric: str) -> None:
-    """Replace the model's temporal metric (plug-and-play, METHODS.md section 3) for evaluation.
+    """Replace the model's temporal metric (plug-and-play, docs/methods.md section 5) for evaluation.
 
     Parameter-free metrics (otam, bimhm, mean) swap freely; swapping TO trx gives an untrained TRX
     (a warning says so)."""

@@ -1,4 +1,4 @@
-"""Losses and training heads for both regimes (METHODS.md sections 2 and 3).
+"""Losses and training heads for both regimes (docs/methods.md section 9).
 
 Few-shot episodes (MA-CLIP):
 - :func:`episodic_loss`: ``alpha * (L_S2T + L_Q2T) / 2 + (1 - alpha) * L_Q2S``.

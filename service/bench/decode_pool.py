@@ -1,7 +1,7 @@
 """Benchmark: videos/s of the gateway's decode pool with every CPU core busy, exact sampling
 against keyframe mode, and against decoding every frame through the same pool, same run.
 
-On a GPU host the encoder is fast (about 1,250 videos/s for eager ViT-B/16 on one H100, SERVING.md)
+On a GPU host the encoder is fast (about 1,250 videos/s for eager ViT-B/16 on one H100, docs/performance.md)
 and decoding runs on the host's CPU cores, so decode throughput with all cores busy is what bounds
 the service. This benchmark measures it with the gateway's own machinery:
 
@@ -73,9 +73,9 @@ from training.video import DecodeLimits, decode_clip
 
 BASELINE = "decode-all"
 MODES = (BASELINE, "exact", "keyframes")
-#: Eager ViT-B/16 fp16 on one H100, batch 8-32, 8 frames at 224 px (SERVING.md): 1,240-1,257 videos/s.
+#: Eager ViT-B/16 fp16 on one H100, batch 8-32, 8 frames at 224 px (docs/performance.md): 1,240-1,257 videos/s.
 DEFAULT_ENCODER_VIDEOS_PER_S = 1250.0
-ENCODER_SOURCE = ("eager ViT-B/16 fp16 on one H100, 8 frames at 224 px, batch 8-32 (SERVING.md); "
+ENCODER_SOURCE = ("eager ViT-B/16 fp16 on one H100, 8 frames at 224 px, batch 8-32 (docs/performance.md); "
                   "an input of this benchmark, not measured here")
 JOBS_PER_WORKER = 4
 

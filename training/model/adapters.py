@@ -1,4 +1,4 @@
-"""Adapter modules (M2-CLIP and MA-CLIP, METHODS.md sections 2-3).
+"""Adapter modules (M2-CLIP and MA-CLIP, docs/methods.md sections 2-3).
 
 Each module here holds the parameters of one adapter and computes one thing; how they are placed
 inside open_clip's residual attention blocks is :mod:`training.model.injection`. Every adapter's

@@ -1,4 +1,4 @@
-"""Text-guided prototype construction (TPCM, MA-CLIP; METHODS.md section 3).
+"""Text-guided prototype construction (TPCM, MA-CLIP; docs/methods.md section 4).
 
 One pre-LayerNorm transformer layer. A support video's frames attend over its own frames plus
 its label's text token (appended as one extra key/value); a query video runs the same layer as
