@@ -2,7 +2,9 @@
 processes (harness `RedisServer`) in a temporary folder. Nothing is kept on disk."""
 from __future__ import annotations
 
+import random
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -20,14 +22,33 @@ def missing_binaries(*names: str) -> str | None:
     return f"{', '.join(absent)} not installed (Debian: apt-get install redis-server redis-tools)" if absent else None
 
 
+def _free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def cluster_port(taken: set[int]) -> int:
+    """A free port whose cluster bus port (port + 10000, so below 55536) is free too."""
+    while True:
+        port = random.randint(20000, 45000)
+        if not {port, port + 10000} & taken and _free(port) and _free(port + 10000):
+            taken.update({port, port + 10000})
+            return port
+
+
 class LocalCluster:
     """`masters` masters with `replicas` replicas each, made by `redis-cli --cluster create`.
 
     `node_timeout_ms` is small so a killed master's replica takes over within a few seconds."""
 
     def __init__(self, workdir: Path, masters: int = 3, replicas: int = 1, node_timeout_ms: int = 1000) -> None:
+        taken: set[int] = set()
         self.servers = [
-            RedisServer(workdir / f"node{i}", args=[
+            RedisServer(workdir / f"node{i}", port=cluster_port(taken), args=[
                 "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                 "--cluster-node-timeout", str(node_timeout_ms), *_NO_DISK])
             for i in range(masters * (1 + replicas))]
