@@ -7,6 +7,7 @@ a token is back). Settings: `rate_limit_per_minute` (None = off) and `rate_limit
 - `RedisRateLimiter` (when the store is Redis): the bucket lives in Redis (`{prefix}ratelimit:{bucket}`,
   a hash of tokens and last refill time, expiring once it would be full again) and is updated by one Lua
   script using the Redis server's clock, so every replica and worker shares one bucket per tenant.
+  The script touches that one key only, so on a Redis Cluster it runs on the key's master as is.
   If Redis cannot be reached the limiter falls back to its in-process buckets (each replica limits on
   its own) and logs it once; it returns to Redis by itself.
 - `MemoryRateLimiter` (in-process store): the buckets live in this process.
@@ -18,7 +19,7 @@ import time
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 if TYPE_CHECKING:
     from service.settings import Settings
@@ -126,7 +127,7 @@ class RedisRateLimiter(RateLimiter):
         try:
             allowed, wait = await self._script(keys=[f"{self.prefix}ratelimit:{bucket}"],
                                                args=[repr(self.rate_per_s), self.burst, 1])
-        except (RedisError, OSError) as err:
+        except (RedisError, RedisClusterException, OSError) as err:
             if not self._degraded:
                 log.warning("rate limiter: Redis unavailable (%s: %s); limiting per replica until it is back",
                             type(err).__name__, err)

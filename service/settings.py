@@ -67,8 +67,10 @@ class Settings(BaseSettings):
 
     # ------------------------------------------------------------------ store
     redis_url: str | None = Field(
-        None, description="Redis URL (redis://host:6379/0). Unset = in-process store (lost on restart, one "
-                          "worker only; said at start-up).")
+        None, description="Redis URL: redis://host:6379/0, rediss://... (TLS; ?ssl_ca_certs=/ca.pem), "
+                          "redis+cluster://h1:7000,h2:7001 (Redis Cluster seed nodes) or "
+                          "redis+sentinel://s1:26379,s2:26379/mymaster/0 (Sentinel). Unset = in-process store (lost "
+                          "on restart, one worker only; said at start-up).")
     redis_prefix: str = Field("fsar:", min_length=1, description="Prefix of every Redis key this gateway writes.")
     support_set_ttl_s: int | None = Field(
         None, gt=0, le=MAX_TTL_S,
@@ -130,6 +132,16 @@ class Settings(BaseSettings):
         """Let environment variables and flags spell None ('none', 'null', '')."""
         if isinstance(value, str) and value.strip().lower() in _NONE_WORDS:
             return None
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_form(cls, value: str | None) -> str | None:
+        """A URL the store cannot use stops the gateway at start-up, not at the first request."""
+        if value is not None:
+            from service.store.redis_client import parse_redis_url
+
+            parse_redis_url(value)
         return value
 
     @field_validator("support_set_ttl_s", "query_cache_ttl_s", "num_frames", "rate_limit_per_minute",

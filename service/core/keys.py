@@ -24,6 +24,14 @@ Model changes: every feature and prototype key carries the model fingerprint, so
 serves stale results. The decoded clips are kept with the set, so after a model change the
 prototypes are rebuilt from them instead of asking the user to upload again.
 
+Redis Cluster: a set's keys must live in one hash slot, because a set is written in one transaction
+(MULTI/EXEC with WATCH on its manifest). On a cluster the store therefore writes every `set:` key with
+the set id as its hash tag, `{ns}set:{<id>}:manifest`, `{ns}set:{<id>}:clip:{h}`, ... (`cluster_key`;
+`plain_key` is the inverse). Cache keys keep their format and spread over the cluster (a batch of
+cache entries is written slot by slot: each entry stands alone). A single server (and Sentinel) keeps
+the layout above unchanged: existing data stays where it is, and moving a deployment between a single
+server and a cluster means registering its sets again (the two layouts never mix in one Redis).
+
 These formats are what existing Redis data is stored under: `tests/service/test_keys.py` pins them.
 """
 from __future__ import annotations
@@ -131,3 +139,22 @@ def support_cache_key(tenant: str | None, fingerprint: str, sampling: Mapping[st
 def text_cache_key(fingerprint: str, label: str) -> str:
     """Label text features: shared by every tenant (they depend on the text and the model only)."""
     return f"cache:text:{fingerprint}:{label_key(label)}"
+
+
+# ---------------------------------------------------------------------------- Redis Cluster layout
+_SET_PART = r"((?:tenant:[A-Za-z0-9_.-]{1,64}:)?set:)"
+_PLAIN_SET_KEY = re.compile(_SET_PART + r"([^:{}]+)(:.*)?", re.DOTALL)
+_TAGGED_SET_KEY = re.compile(_SET_PART + r"\{([^:{}]+)\}(:.*)?", re.DOTALL)
+
+
+def cluster_key(key: str) -> str:
+    """A key (or pattern) as a Redis Cluster stores it: a set's keys carry the set id as their hash tag
+    (`set:{id}:...`) so one set lives in one slot; any other key is unchanged."""
+    match = _PLAIN_SET_KEY.fullmatch(key)
+    return key if match is None else f"{match[1]}{{{match[2]}}}{match[3] or ''}"
+
+
+def plain_key(key: str) -> str:
+    """The inverse of `cluster_key`: the layout's key of a key read back from a cluster."""
+    match = _TAGGED_SET_KEY.fullmatch(key)
+    return key if match is None else f"{match[1]}{match[2]}{match[3] or ''}"

@@ -74,3 +74,26 @@ def test_manifest_written_before_tenants_is_read() -> None:
     assert manifest.revision == 3 and manifest.classes == ["open valve", "stand up"]
     assert manifest.to_json()["tenant"] is None
 
+
+
+@pytest.mark.parametrize("tenant, ns", [(None, ""), ("alice", "tenant:alice:")])
+def test_cluster_layout_tags_every_key_of_a_set_and_nothing_else(tenant, ns) -> None:
+    """On a Redis Cluster a set's keys carry `{id}` as their hash tag (one slot per set: its transaction
+    stays on one master); caches keep the single-server format. `plain_key` reverses it exactly."""
+    pinned = {
+        keys.manifest_key(tenant, "s1"): f"{ns}set:{{s1}}:manifest",
+        keys.manifest_pattern(tenant): f"{ns}set:{{*}}:manifest",
+        keys.set_pattern(tenant, "s1"): f"{ns}set:{{s1}}:*",
+        keys.clip_key(tenant, "s1", H): f"{ns}set:{{s1}}:clip:{H}",
+        keys.feature_key(tenant, "s1", FP, H, "open valve"): f"{ns}set:{{s1}}:feat:{FP}:{H}:{LK}",
+        keys.prototype_key(tenant, "s1", FP, 3): f"{ns}set:{{s1}}:proto:{FP}:3",
+        keys.prototype_pattern(tenant, "s1"): f"{ns}set:{{s1}}:proto:*",
+        keys.query_cache_key(tenant, FP, SAMPLING, H): f"{ns}cache:query:{FP}:t8x224:{H}",
+        keys.support_cache_key(tenant, FP, SAMPLING, H, "open valve"): f"{ns}cache:support:{FP}:t8x224:{H}:{LK}",
+        keys.text_cache_key(FP, "open valve"): f"cache:text:{FP}:{LK}",
+    }
+    for plain, clustered in pinned.items():
+        assert keys.cluster_key(plain) == clustered
+        assert keys.plain_key(clustered) == plain
+    assert keys.plain_key("set:s1:manifest") == "set:s1:manifest"  # already plain: unchanged
+    assert keys.cluster_key("*") == "*" and keys.cluster_key("settings") == "settings"

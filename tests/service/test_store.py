@@ -1,7 +1,10 @@
-"""Store behaviour on a real Redis and on the in-process store (same tests, parametrised)."""
+"""Store behaviour on a real Redis and on the in-process store (same tests, parametrised); Redis URL forms,
+Sentinel and TLS on local servers (Redis Cluster: test_redis_cluster.py)."""
 from __future__ import annotations
 
 import asyncio
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -11,6 +14,8 @@ from service.errors import StoreUnavailable
 from service.settings import Settings
 from service.store import Batch, MemoryStore, Store, StoreConflict, StoreDataError, create_store
 from service.store.base import decode_array, encode_array
+from service.harness import RedisServer, free_port
+from service.store.redis_client import parse_redis_url
 from service.store.redis_store import RedisStore, redact_url
 
 
@@ -165,3 +170,75 @@ def test_create_store_follows_settings(redis_url: str) -> None:
 def test_redact_url_hides_password() -> None:
     assert redact_url("redis://user:secret@host:6379/0") == "redis://user:***@host:6379/0"
     assert redact_url("redis://host:6379/0") == "redis://host:6379/0"
+
+
+# ------------------------------------------------------------------ URL forms: cluster, Sentinel, TLS
+def test_redis_urls_name_their_topology() -> None:
+    single = parse_redis_url("rediss://u:pw@cache.example.com:6380/2?ssl_ca_certs=/ca.pem")
+    assert (single.topology, single.tls) == ("single", True)
+    cluster = parse_redis_url("rediss+cluster://:pw@h1:7000,h2:7001,[::1]:7002?ssl_ca_certs=/ca.pem")
+    assert cluster.topology == "cluster" and cluster.tls
+    assert cluster.nodes == (("h1", 7000), ("h2", 7001), ("::1", 7002))
+    assert cluster.options["password"] == "pw" and cluster.options["ssl_ca_certs"] == "/ca.pem"
+    assert "db" not in cluster.options and "host" not in cluster.options
+    sentinel = parse_redis_url("redis+sentinel://:pw@s1,s2:26380/mymaster/3?sentinel_password=spw&socket_timeout=2")
+    assert sentinel.topology == "sentinel" and not sentinel.tls and sentinel.service_name == "mymaster"
+    assert sentinel.nodes == (("s1", 26379), ("s2", 26380))
+    assert sentinel.options["db"] == 3 and sentinel.options["password"] == "pw"
+    assert sentinel.options["socket_timeout"] == 2.0 and sentinel.sentinel_options == {"password": "spw"}
+    for bad in ("http://h:1", "redis+cluster://h1:7000/1", "redis+sentinel://s1:26379", "redis+cluster://",
+                "redis+cluster://h1:port", "redis+sentinel://s1/m/x"):
+        with pytest.raises(ValueError):
+            parse_redis_url(bad)
+    with pytest.raises(ValueError):
+        Settings(redis_url="redis+cluster://h1:7000/4")  # refused at start-up, not at the first request
+
+
+def test_redact_url_hides_passwords_of_every_form() -> None:
+    assert redact_url("redis+cluster://:pw@h1:7000,h2:7001") == "redis+cluster://:***@h1:7000,h2:7001"
+    assert (redact_url("redis+sentinel://s1:26379/m?sentinel_password=x&db=1")
+            == "redis+sentinel://s1:26379/m?sentinel_password=***&db=1")
+
+
+async def _round_trip(url: str, prefix: str) -> None:
+    store = RedisStore(url, prefix=prefix, connect_timeout_s=1, socket_timeout_s=2)
+    try:
+        batch = Batch().array("set:a:clip:x", np.arange(3, dtype=np.uint8)).json("set:a:manifest", {"revision": 1})
+        await store.write_batch(batch, ttl_s=60, guard=("set:a:manifest", None))
+        assert (await store.get_json("set:a:manifest")) == {"revision": 1}
+        assert sorted(await store.keys("set:a:*")) == ["set:a:clip:x", "set:a:manifest"]
+        assert await store.delete(await store.keys("*")) == 2
+    finally:
+        await store.close()
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed")
+async def test_store_through_sentinel(tmp_path, redis_prefix: str) -> None:
+    """`redis+sentinel://` finds the master a (local) Sentinel monitors and uses it as a single server."""
+    with RedisServer(tmp_path / "master", args=["--save", "", "--appendonly", "no"]) as master:
+        conf = tmp_path / "sentinel" / "sentinel.conf"
+        conf.parent.mkdir()
+        conf.write_text(f"sentinel monitor fsarmaster 127.0.0.1 {master.port} 1\n")
+        with RedisServer(conf.parent, args=[str(conf), "--sentinel"]) as sentinel:
+            await _round_trip(f"redis+sentinel://127.0.0.1:{sentinel.port}/fsarmaster/0", redis_prefix)
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None or shutil.which("openssl") is None,
+                    reason="redis-server or openssl not installed")
+async def test_store_over_tls(tmp_path, redis_prefix: str) -> None:
+    """`rediss://` with the server's CA verifies and works; without it the store reports 503, not a crash."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"], check=True, capture_output=True)
+    tls_port = free_port()
+    args = ["--save", "", "--appendonly", "no", "--tls-port", str(tls_port), "--tls-cert-file", str(cert),
+            "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no"]
+    with RedisServer(tmp_path / "tls", args=args):
+        await _round_trip(f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={cert}", redis_prefix)
+        untrusted = RedisStore(f"rediss://127.0.0.1:{tls_port}/0", prefix=redis_prefix, connect_timeout_s=1)
+        try:
+            with pytest.raises(StoreUnavailable):
+                await untrusted.ping()
+        finally:
+            await untrusted.close()
