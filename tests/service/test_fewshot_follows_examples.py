@@ -83,9 +83,8 @@ def random_vit_b32(path: Path, seed: int = 0) -> Path:
     return path
 
 
-async def wrong_answers(weights: Path, clips: list[list[bytes]]) -> list[str]:
+async def wrong_answers(settings: Settings, clips: list[list[bytes]]) -> list[str]:
     """Register the clips under every wording and send each back; list every clip that came back wrong."""
-    settings = Settings(backbone="ViT-B-32", pretrained=str(weights), log_level="warning")
     wrong: list[str] = []
     async with running(settings) as (client, _service):
         for wording in WORDINGS:
@@ -109,6 +108,35 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return random_vit_b32(tmp_path_factory.mktemp("vit-b-32") / "ViT-B-32-random.pt")
 
 
+def embedded(weights: Path) -> Settings:
+    """Default settings, except ViT-B-32 random weights from a file."""
+    return Settings(backbone="ViT-B-32", pretrained=str(weights), log_level="warning")
+
+
 async def test_each_support_clip_comes_back_with_its_own_label(weights: Path) -> None:
-    wrong = await wrong_answers(weights, support_clips())
+    wrong = await wrong_answers(embedded(weights), support_clips())
     assert not wrong, "support clips classified as another class:\n" + "\n".join(wrong)
+
+
+async def test_the_same_with_the_triton_backend(weights: Path, tmp_path: Path) -> None:
+    """The model the embedded backend builds from these settings, exported and served by a real
+    Triton server: the gateway on the Triton backend answers the same."""
+    from training.checkpoint import save_checkpoint
+    from training.export import export_repository
+    from training.model import ModelConfig, build_model
+    from tests.triton_util import start_triton
+
+    settings = embedded(weights)
+    with torch.random.fork_rng(devices=[]):  # as EmbeddedBackend builds a model without a checkpoint
+        torch.manual_seed(settings.seed)
+        model = build_model(ModelConfig(backbone=settings.backbone, pretrained=settings.pretrained))
+    checkpoint = tmp_path / "untrained.pt"
+    save_checkpoint(checkpoint, model, step=0)
+    del model
+    repository = tmp_path / "model_repository"
+    export_repository(checkpoint, repository, instance_kind="cpu", max_batch_size=8, queue_delay_us=1000)
+    with start_triton(repository) as server:
+        triton = Settings(backend="triton", triton_url=server.grpc_url, triton_timeout_s=120.0,
+                          log_level="warning")
+        wrong = await wrong_answers(triton, support_clips())
+    assert not wrong, "support clips classified as another class (Triton backend):\n" + "\n".join(wrong)
