@@ -220,6 +220,7 @@ class TritonPool:
         self.dns_error: str | None = None
         self._resolved: dict[Target, list[str]] = {}
         self._tasks: list[asyncio.Task] = []
+        self._retiring: set[asyncio.Task] = set()
         self._next = 0
 
     @property
@@ -262,7 +263,7 @@ class TritonPool:
             self._tasks.append(asyncio.create_task(self._dns_loop(), name="triton-dns"))
 
     async def close(self) -> None:
-        tasks, self._tasks = self._tasks, []
+        tasks, self._tasks = self._tasks + list(self._retiring), []
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -456,20 +457,25 @@ class TritonPool:
         self.dns_error = "; ".join(errors) or None
         if errors:
             log.warning("Triton targets: %s; keeping the servers known before", self.dns_error)
-        for url in addresses:
-            if url not in self.servers:
-                if self.servers:
-                    log.info("Triton server %s joined %s", url, self.where)
-                self.servers[url] = TritonServer(url, self.timeout_s)
-        for url in [url for url in self.servers if url not in addresses]:
+        known, self.servers = self.servers, {}
+        for url in addresses:  # in target order, as /readyz lists them
+            if url not in known and known:
+                log.info("Triton server %s joined %s", url, self.where)
+            self.servers[url] = known.pop(url, None) or TritonServer(url, self.timeout_s)
+        for url, server in known.items():
             log.info("Triton server %s left %s", url, self.where)
-            asyncio.create_task(self._retire(self.servers.pop(url)))
+            task = asyncio.create_task(self._retire(server))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
 
     async def _retire(self, server: TritonServer) -> None:
+        """Close a server that left once its requests are done (at most `timeout_s` later)."""
         deadline = time.monotonic() + self.timeout_s
-        while server.in_flight and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-        await server.close()
+        try:
+            while server.in_flight and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+        finally:
+            await server.close()
 
     async def _dns_loop(self) -> None:
         while True:

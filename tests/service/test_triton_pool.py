@@ -51,6 +51,33 @@ def test_targets_parse_lists_and_dns_names() -> None:
     assert Settings(triton_url="h1:8001 , dns:///t:8001").triton_url == "h1:8001,dns:///t:8001"
 
 
+async def test_dns_targets_add_and_retire_servers_as_the_name_changes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.backends import triton_pool
+
+    answers = {"pods.svc": ["10.0.0.1:8001", "10.0.0.2:8001"]}
+
+    async def fake_resolve(target: Target) -> list[str]:
+        if target.host not in answers:
+            raise socket.gaierror("Name or service not known")
+        return answers[target.host] if target.dns else [target.text]
+
+    monkeypatch.setattr(triton_pool, "resolve", fake_resolve)
+    pool = triton_pool.TritonPool(parse_targets("dns:///pods.svc:8001,fixed:8001"), timeout_s=1.0)
+    answers["fixed"] = []
+    try:
+        await pool._sync_servers()
+        assert list(pool.servers) == ["10.0.0.1:8001", "10.0.0.2:8001", "fixed:8001"]
+        answers["pods.svc"] = ["10.0.0.2:8001", "10.0.0.3:8001"]  # a pod replaced
+        await pool._sync_servers()
+        assert list(pool.servers) == ["10.0.0.2:8001", "10.0.0.3:8001", "fixed:8001"]
+        del answers["pods.svc"]  # the name stops resolving: keep what was known, say why
+        await pool._sync_servers()
+        assert list(pool.servers) == ["10.0.0.2:8001", "10.0.0.3:8001", "fixed:8001"]
+        assert "pods.svc:8001 does not resolve" in (pool.dns_error or "")
+    finally:
+        await pool.close()
+
+
 # ====================================================================== real servers
 @pytest.fixture(scope="module")
 def starter() -> Iterator[ThreadPoolExecutor]:
