@@ -57,8 +57,20 @@ class Settings(BaseSettings):
     backend: Literal["embedded", "triton"] = Field(
         "embedded",
         description="Where the model runs: 'embedded' (in-process torch) or 'triton' (tritonclient gRPC).")
-    triton_url: str = Field("127.0.0.1:8001", description="Triton gRPC address (host:port) for backend=triton.")
-    triton_timeout_s: float = Field(30.0, gt=0, description="Timeout of one Triton request, in seconds.")
+    triton_url: str = Field(
+        "127.0.0.1:8001",
+        description="Triton gRPC servers for backend=triton: host:port, several as host1:8001,host2:8001, or "
+                    "dns:///name:port for every address a name resolves to (re-resolved every "
+                    "triton_dns_refresh_s). Requests are balanced over the servers in service; all must serve "
+                    "the same export.")
+    triton_timeout_s: float = Field(
+        30.0, gt=0, description="Timeout of one Triton request, in seconds (retries on another server included).")
+    triton_health_interval_s: float = Field(
+        2.0, gt=0, description="Seconds between health checks of each Triton server (server and model "
+                               "readiness); a failing server is out until a check finds it ready again.")
+    triton_dns_refresh_s: float = Field(
+        30.0, gt=0, description="Seconds between resolutions of dns:/// Triton targets (servers that appear or "
+                                "disappear join or leave the pool).")
     encode_concurrency: int | None = Field(
         None, ge=1,
         description="Model calls running at once (embedded: threads of the encode pool). Unset or 'auto': on CPU "
@@ -159,6 +171,14 @@ class Settings(BaseSettings):
         if isinstance(value, str) and value.strip().lower() in _NONE_WORDS | {"auto"}:
             return None
         return value
+
+    @field_validator("triton_url", mode="before")
+    @classmethod
+    def _triton_targets(cls, value: Any) -> Any:
+        """A list, or a comma-separated string, of host:port / dns:///name:port targets (checked here)."""
+        from service.backends.triton_targets import normalise
+
+        return normalise(value) if isinstance(value, (str, list, tuple)) else value
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -12,19 +12,51 @@ Exposed at `GET /metrics`:
   (reason = unauthenticated | rate_limited);
 - `fsar_decode_worker_restarts_total{reason}`: decode worker processes replaced
   (reason = timeout | crash | recycled).
+- `fsar_triton_server_up{server}` (1 in service, 0 out), `fsar_triton_server_in_flight{server}` and
+  `fsar_triton_requests_total{server, outcome}` (outcome = ok | unavailable (a server error: retried on
+  another server) | timeout | error (the model refused the request)), per Triton server (backend=triton).
 With several uvicorn workers each process exposes its own numbers.
 """
 from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 STAGES = ("decode", "encode", "match", "store")
+
+
+class TritonServersCollector(Collector):
+    """Per-server Triton metrics, read at scrape time from `source` (the backend's `server_states`)."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], list[dict[str, Any]]] | None = None
+
+    def collect(self) -> Iterable[Metric]:
+        states = self.source() if self.source is not None else []
+        if not states:
+            return []
+        up = GaugeMetricFamily("fsar_triton_server_up", "1 when the Triton server is in service, else 0.",
+                               labels=["server"])
+        in_flight = GaugeMetricFamily("fsar_triton_server_in_flight", "Requests in flight on the Triton server.",
+                                      labels=["server"])
+        requests = CounterMetricFamily("fsar_triton_requests", "Triton requests by server and outcome.",
+                                       labels=["server", "outcome"])
+        for state in states:
+            up.add_metric([state["url"]], 1.0 if state["healthy"] else 0.0)
+            in_flight.add_metric([state["url"]], float(state["in_flight"]))
+            for outcome, count in state["requests"].items():
+                requests.add_metric([state["url"], outcome], float(count))
+        return [up, in_flight, requests]
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # samples depend on the servers known at scrape time
 
 
 class Metrics:
@@ -51,6 +83,8 @@ class Metrics:
                                 ["reason"], registry=self.registry)
         self.decode_restarts = Counter("fsar_decode_worker_restarts", "Decode worker processes replaced, by reason.",
                                        ["reason"], registry=self.registry)
+        self.triton_servers = TritonServersCollector()
+        self.registry.register(self.triton_servers)
 
     @contextmanager
     def stage(self, name: str) -> Iterator[dict]:

@@ -1,7 +1,7 @@
 """Operations: `/healthz`, `/readyz`, `/metrics`, `/model`."""
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
@@ -22,14 +22,23 @@ async def healthz() -> dict:
 @router.get("/readyz", response_model=Readiness, responses={503: {"model": ErrorResponse}},
             summary="Backend and store are reachable")
 async def readyz(request: Request) -> Response:
+    """Ready when the backend (with several Triton servers: at least one of them) and the store answer.
+
+    With several Triton servers (or a `dns:///` target) `checks.triton_servers` lists each one: url,
+    state (up, down, mismatch, unusable, starting), healthy, in_flight, last_error, fingerprint, requests.
+    """
     service: FsarService | None = getattr(request.app.state, "service", None)
+    checks: dict[str, Any]
     if service is None:
         checks = {"backend": "starting", "store": "starting"}
     else:
-        checks = await service.readiness()
-    if all(value == "ok" for value in checks.values()):
+        checks = dict(await service.readiness())
+        if getattr(service.backend, "pooled", False):
+            checks["triton_servers"] = service.backend.server_states()
+    verdicts = {name: value for name, value in checks.items() if isinstance(value, str)}
+    if all(value == "ok" for value in verdicts.values()):
         return JSONResponse({"status": "ready", "checks": checks})
-    failing = "; ".join(f"{name}: {value}" for name, value in checks.items() if value != "ok")
+    failing = "; ".join(f"{name}: {value}" for name, value in verdicts.items() if value != "ok")
     return render(ServiceUnavailable(f"Not ready: {failing}", code="not_ready"),
                   extra={"status": "not_ready", "checks": checks})
 
@@ -37,6 +46,8 @@ async def readyz(request: Request) -> Response:
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
 async def metrics(request: Request) -> Response:
     registry = request.app.state.metrics
+    service: FsarService | None = getattr(request.app.state, "service", None)
+    registry.triton_servers.source = getattr(service.backend, "server_states", None) if service else None
     return Response(registry.render(), media_type=registry.content_type)
 
 

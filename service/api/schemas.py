@@ -146,7 +146,7 @@ class Health(BaseModel):
 
 class Readiness(BaseModel):
     status: Literal["ready", "not_ready"]
-    checks: dict[str, str]
+    checks: dict[str, str | list[dict[str, Any]]]
 
 
 class ModelCard(BaseModel):
