@@ -219,7 +219,6 @@ class SupportSets:
         set_id, tenant = manifest.id, manifest.tenant
         old_revision = None if new else manifest.revision
         self._check_alive(manifest)
-        ttl = manifest.remaining_ttl()
         batch = Batch()
         known = {video.sha256 for video in manifest.videos}
         for h, clip in clips.items():
@@ -227,6 +226,12 @@ class SupportSets:
                 batch.array(keys.clip_key(tenant, set_id, h), clip)
         manifest.add(list(videos))
         prototypes = await self._build_prototypes(manifest, batch, fresh_clips=clips)
+        if new:  # a new set's lifetime starts when it is written, however long decoding and encoding took
+            lifetime = None if manifest.expires_at is None else manifest.expires_at - manifest.created_at
+            manifest.created_at = manifest.updated_at = now()
+            manifest.expires_at = None if lifetime is None else manifest.created_at + lifetime
+        self._check_alive(manifest)
+        ttl = manifest.remaining_ttl()
         batch.array(keys.prototype_key(tenant, set_id, self._model.fingerprint, manifest.revision), prototypes)
         batch.json(keys.manifest_key(tenant, set_id), manifest.to_json())  # last: the set appears complete
         described = self.describe(manifest)  # rendered before anything is written
