@@ -3,7 +3,7 @@ encoding (ours) against the per-window loop a user would script (baseline), same
 
 The video is generated once with PyAV and cached in ``workdir`` (``service.bench.decode.make_clip``:
 a panning texture, moving blocks, light noise): 10 minutes of 640x360 30 fps H.264 with a keyframe
-every 2 s (quick: 60 s). It is cut into 2 s windows (``training.video.window_spans``: 300 windows
+every 2 s (a 60 s clip repeated ten times by remuxing, see :func:`make_long_clip`; quick: 60 s). It is cut into 2 s windows (``training.video.window_spans``: 300 windows
 in a full run), 8 frames a window at the model's input size (224 px; fsar-tiny: 64 px).
 
 - ``ours``: ``decode_windows`` once (one plan over the file, each frame decoded and converted
@@ -40,6 +40,8 @@ Run: ``python -m service.bench.segments [--quick] [--json out.json] [--backbone 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -56,6 +58,7 @@ from training.video import DecodeLimits, decode_windows, frame_to_square
 SEGMENT_S = 2.0
 BATCH = 8
 TARGET_SPEEDUP = 3.0
+PIECE_S = 60.0  # longer videos repeat a clip this long
 COLUMNS = [("path", "path", ""), ("windows", "windows", "d"), ("wall_s", "wall_s", ".2f"),
            ("decode_s", "decode_s", ".2f"), ("encode_s", "encode_s", ".2f"),
            ("video_s/s", "video_s_per_s", ".1f"), ("windows/s", "windows_per_s", ".2f"),
@@ -74,6 +77,40 @@ def clip_spec(quick: bool, seconds: float | None = None) -> ClipSpec:
     overrides), encoded with x264's ``veryfast`` preset so that generating it stays short."""
     duration = seconds if seconds is not None else (60 if quick else 600)
     return ClipSpec("segments", "libx264", ".mp4", duration, 640, 360, 30, 2.0, preset="veryfast")
+
+
+def make_long_clip(spec: ClipSpec, directory: Path) -> Path:
+    """Write ``spec``'s video into ``directory`` unless it is already there; its path. Up to
+    :data:`PIECE_S` seconds it is ``make_clip``'s; longer, a ``PIECE_S`` clip repeated by remuxing
+    (same packets, timestamps shifted: no re-encoding; ``make_clip`` pans a texture as wide as the
+    clip is long, which swscale refuses past a few minutes), cut at the keyframe that reaches
+    ``spec.seconds``."""
+    if spec.seconds <= PIECE_S:
+        return make_clip(spec, directory)
+    path = directory / spec.file_name
+    if path.exists():
+        return path
+    piece = make_clip(dataclasses.replace(spec, seconds=PIECE_S), directory)
+    partial = path.with_name(f".{path.name}.partial{path.suffix}")
+    with av.open(str(partial), "w", format="mp4") as output:
+        out_stream = None
+        for copy in range(math.ceil(spec.seconds / PIECE_S)):
+            with av.open(str(piece)) as source:
+                in_stream = source.streams.video[0]
+                if out_stream is None:
+                    out_stream = output.add_stream_from_template(in_stream)
+                shift = round(copy * PIECE_S / in_stream.time_base)
+                end = round(spec.seconds / in_stream.time_base)
+                for packet in source.demux(in_stream):
+                    if packet.dts is None:
+                        continue
+                    if packet.is_keyframe and packet.pts + shift >= end:
+                        break
+                    packet.pts, packet.dts = packet.pts + shift, packet.dts + shift
+                    packet.stream = out_stream
+                    output.mux(packet)
+    partial.rename(path)
+    return path
 
 
 def decode_limits(seconds: float) -> DecodeLimits:
@@ -207,7 +244,7 @@ def run(quick: bool = False, json_path: str | None = None, workdir: str | None =
     machine = machine_info()
     backbone = backbone or default_backbone(quick)
     spec = clip_spec(quick, seconds)
-    path = make_clip(spec, Path(workdir) if workdir else default_workdir("segments"))
+    path = make_long_clip(spec, Path(workdir) if workdir else default_workdir("segments"))
     limits = decode_limits(spec.seconds)
 
     setup_start = time.perf_counter()
