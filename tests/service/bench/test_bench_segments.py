@@ -49,3 +49,16 @@ def test_cli_lists_the_bench_and_refuses_a_bad_batch_in_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == "error: batch must be >= 1, got 0"
     assert not (tmp_path / "clips").exists()
+
+
+def test_long_videos_repeat_a_piece_by_remuxing(tmp_path, monkeypatch):
+    from service.bench import segments
+    from service.bench.decode import ClipSpec
+    from training.video import probe
+
+    monkeypatch.setattr(segments, "PIECE_S", 2.0)
+    spec = ClipSpec("long", "libx264", ".mp4", 5, 96, 54, 10, 1.0, preset="veryfast")
+    info = probe(segments.make_long_clip(spec, tmp_path))
+    # Three 2 s pieces, the last cut at its keyframe at 5 s.
+    assert (info.duration_s, info.num_frames, info.num_keyframes, info.keyframe_interval_s) == (5.0, 50, 5, 1.0)
+    assert segments.make_long_clip(spec, tmp_path).stat().st_mtime_ns == (tmp_path / spec.file_name).stat().st_mtime_ns
