@@ -219,6 +219,22 @@ def bench_decode_pool_cmd(
         workers=workers, **options)
 
 
+@bench_app.command("segments")
+def bench_segments_cmd(
+    quick: bool = typer.Option(False, help="A 60 s video and the fsar-tiny backbone (under a minute)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the figures to this JSON file."),
+    backbone: Optional[str] = typer.Option(None, help="Backbone (random weights); default fsar-tiny quick, ViT-B-32 full."),
+    batch: int = typer.Option(8, help="Windows per encoder call in our path."),
+    seconds: Optional[float] = typer.Option(None, help="Video duration in seconds (default 600; quick 60)."),
+    workdir: Optional[Path] = typer.Option(None, help="Where the generated video is cached."),
+) -> None:
+    """Every 2 s window of a long video: one decoding pass + batched encoding vs the per-window loop."""
+    from service.bench.segments import run
+
+    run(quick=quick, json_path=str(json_path) if json_path else None, workdir=str(workdir) if workdir else None,
+        backbone=backbone, batch=batch, seconds=seconds)
+
+
 @bench_app.command("e2e")
 def bench_e2e_cmd(
     quick: bool = typer.Option(False, help="Tiny clips, fewer requests, the fsar-tiny backbone (under a minute)."),

@@ -127,43 +127,68 @@ def decode_clip(
     def work() -> np.ndarray:
         container, stream, index = open_indexed(video_input, limits, deadline)
         positions = sample_positions(index, int(num_frames), mode, generator, keyframes_only=fast)
-        # Without timestamps frames are told apart by counting them from the start: one pass
-        # in which the decoder returns every frame.
-        counted = not index.timestamps_known
-        use_seeks = container.format.name in SEEKS_PRECISELY and not counted
-        skip_non_reference = not fast and not counted and stream.codec_context.name in SKIPS_NON_REFERENCE_FRAMES
-        keyframes_only = fast and not counted
-        # At most three attempts: each failure switches off the shortcut that caused it and
-        # starts again on a freshly opened container. Without seeks the decode also starts on
-        # a fresh container (rewinding an imprecisely seeking format is a seek too).
-        for attempt in range(3):
-            fresh = attempt > 0 or not use_seeks
-            if fresh:
-                container.close()
-                container = video_input.open()
-                stream = video_stream(container, video_input.looks_like)
-            runs = plan_runs(index, positions, seek_cost if use_seeks else math.inf, keyframes_only=keyframes_only)
-            collector = _Collector(stream, index, int(size), limits, deadline, keyframes_only, skip_non_reference)
-            try:
-                with container:
-                    chosen = collector.collect(container, runs, fresh=fresh)
-                break
-            except (_SeekMissed, av.FFmpegError) as exc:
-                if not use_seeks:
-                    raise
-                logger.info("seeking failed (%r); decoding in one pass instead", exc)
-                use_seeks = False
-            except _SkippedTarget as exc:
-                logger.info("%s; decoding again without skipping frames", exc)
-                skip_non_reference = False
-        else:  # unreachable: each retry switches off one shortcut, the last raises
-            raise CorruptedVideoError("the video cannot be decoded")
-        missing = sorted({int(p) for p in positions} - chosen.keys())
-        if missing:
-            raise CorruptedVideoError("no frame of the video could be decoded")
+        chosen = decode_positions(video_input, container, stream, index, positions, int(size), limits, deadline,
+                                  seek_cost=seek_cost, keyframes_only=fast)
         return np.stack([chosen[int(p)] for p in positions])
 
     return guarded(work)
+
+
+def decode_positions(
+    video_input: VideoInput,
+    container: InputContainer,
+    stream: VideoStream,
+    index: FrameIndex,
+    positions: np.ndarray,
+    size: int,
+    limits: DecodeLimits,
+    deadline: Deadline,
+    *,
+    seek_cost: float,
+    keyframes_only: bool = False,
+) -> dict[int, np.ndarray]:
+    """Decode the frames at ``positions`` (index positions, any order, repeats allowed) of an
+    indexed video in one plan (:func:`~training.video.sampling.plan_runs`): each distinct
+    position decoded and turned into an upright ``[size, size, 3]`` square once.
+
+    Returns ``{position: frame}`` for every distinct position; closes ``container``. Raises
+    ``CorruptedVideoError`` when a position cannot be decoded.
+    """
+    # Without timestamps frames are told apart by counting them from the start: one pass
+    # in which the decoder returns every frame.
+    counted = not index.timestamps_known
+    use_seeks = container.format.name in SEEKS_PRECISELY and not counted
+    skip_non_reference = not keyframes_only and not counted and stream.codec_context.name in SKIPS_NON_REFERENCE_FRAMES
+    keyframes_only = keyframes_only and not counted
+    # At most three attempts: each failure switches off the shortcut that caused it and
+    # starts again on a freshly opened container. Without seeks the decode also starts on
+    # a fresh container (rewinding an imprecisely seeking format is a seek too).
+    for attempt in range(3):
+        fresh = attempt > 0 or not use_seeks
+        if fresh:
+            container.close()
+            container = video_input.open()
+            stream = video_stream(container, video_input.looks_like)
+        runs = plan_runs(index, positions, seek_cost if use_seeks else math.inf, keyframes_only=keyframes_only)
+        collector = _Collector(stream, index, size, limits, deadline, keyframes_only, skip_non_reference)
+        try:
+            with container:
+                chosen = collector.collect(container, runs, fresh=fresh)
+            break
+        except (_SeekMissed, av.FFmpegError) as exc:
+            if not use_seeks:
+                raise
+            logger.info("seeking failed (%r); decoding in one pass instead", exc)
+            use_seeks = False
+        except _SkippedTarget as exc:
+            logger.info("%s; decoding again without skipping frames", exc)
+            skip_non_reference = False
+    else:  # unreachable: each retry switches off one shortcut, the last raises
+        raise CorruptedVideoError("the video cannot be decoded")
+    missing = sorted({int(p) for p in positions} - chosen.keys())
+    if missing:
+        raise CorruptedVideoError("no frame of the video could be decoded")
+    return chosen
 
 
 def probe(source: VideoSource, *, limits: DecodeLimits | None = None) -> VideoInfo:

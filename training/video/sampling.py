@@ -70,13 +70,20 @@ def sample_positions(
     rng: np.random.Generator | int | None = None,
     *,
     keyframes_only: bool = False,
+    span_pts: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """Positions in ``index`` of the T frames to return, in temporal order: int64 ``[T]``.
 
+    ``span_pts``: sample the time range ``[start, end)`` (``time_base`` ticks, within the
+    video's span, ``end > start``) instead of the whole video, exactly as if it were the whole
+    video: a window of a long video gets the frames a clip cut at its bounds would get.
     Positions may repeat (videos shorter than T frames, keyframes-only sampling).
     """
-    span = index.end_pts - index.start_pts  # ticks, > 0
-    relative_pts = index.pts - index.start_pts  # [N]
+    start, end = span_pts if span_pts is not None else (index.start_pts, index.end_pts)
+    if end <= start:
+        raise ValueError(f"span_pts must end after it starts, got {span_pts!r}")
+    span = end - start  # ticks, > 0
+    relative_pts = index.pts - start  # [N]
     segments = np.arange(num_frames, dtype=np.int64)
     if mode == "test":
         # Centre of segment k: (2k + 1) * span / (2T); compare in units of 1/(2T) ticks.
