@@ -73,6 +73,14 @@ def decode_file(path: str, *args: Any, **kwargs: Any) -> Any:
         return decode_clip(file, *args, **kwargs)
 
 
+def decode_windows_file(path: str, *args: Any, **kwargs: Any) -> Any:
+    """`decode_windows` of the upload stored at `path`, opened as `decode_file` opens it."""
+    from training.video import decode_windows
+
+    with open(os.open(path, os.O_RDONLY), "rb") as file:
+        return decode_windows(file, *args, **kwargs)
+
+
 class DecoderUnavailable(ServiceUnavailable):
     """No decode worker could be started (503)."""
 

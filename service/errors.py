@@ -114,6 +114,7 @@ DECODE_STATUS: dict[str, int] = {
     "too_large": 413,
     "too_long": 413,
     "too_many_pixels": 413,
+    "too_many_segments": 413,
 }
 
 

@@ -49,12 +49,20 @@ class Windows:
     - ``duration_s``: the video's duration (its readable part).
     - ``distinct_frames``: distinct frames decoded and converted for all windows together
       (frames shared by overlapping windows count once).
+    - ``first`` / ``total``: with ``only=(first, stop)`` the windows are ``first..first+W-1`` of
+      the video's ``total`` windows; otherwise ``first`` is 0 and ``total`` is W.
     """
 
     frames: np.ndarray
     spans: np.ndarray
     duration_s: float
     distinct_frames: int
+    first: int = 0
+    total: int = -1
+
+    def __post_init__(self) -> None:
+        if self.total < 0:
+            object.__setattr__(self, "total", int(self.spans.shape[0]))
 
     def __len__(self) -> int:
         return int(self.spans.shape[0])
@@ -114,6 +122,7 @@ def decode_windows(
     rng: np.random.Generator | int | None = None,
     limits: DecodeLimits | None = None,
     strategy: str = "auto",
+    only: tuple[int, int] | None = None,
 ) -> Windows:
     """Cut a video into windows of ``segment_s`` seconds every ``stride_s`` (default
     ``segment_s``) and sample ``num_frames`` frames of each: :class:`Windows` with uint8
@@ -124,6 +133,9 @@ def decode_windows(
     and frame conversion as in :func:`~training.video.decode.decode_clip`, per window.
     ``max_windows``: raise :class:`TooManySegmentsError` (code ``too_many_segments``) when the
     video has more windows, after indexing it and before decoding any frame.
+    ``only=(first, stop)``: decode windows ``first..stop-1`` alone (``stop`` past the last window is
+    fine), so a caller can take a long video in pieces of bounded memory, each piece one plan over
+    its stretch of the file; ``Windows.total`` says how many windows the whole video has.
 
     Raises a :class:`VideoDecodeError` subclass for every bad upload; ``ValueError`` /
     ``TypeError`` for bad arguments, ``OSError`` for an unreadable path.
@@ -136,6 +148,8 @@ def decode_windows(
         raise ValueError(f"mode must be 'test' or 'train', got {mode!r}")
     if max_windows is not None and max_windows < 1:
         raise ValueError(f"max_windows must be >= 1, got {max_windows!r}")
+    if only is not None and not (0 <= only[0] < only[1]):
+        raise ValueError(f"only must be (first, stop) with 0 <= first < stop, got {only!r}")
     window_spans(1.0, segment_s, stride_s)  # argument checks before any work
     seek_cost = seek_cost_for(strategy)
     limits = limits or DecodeLimits()
@@ -146,19 +160,28 @@ def decode_windows(
         container, stream, index = open_indexed(video_input, limits, deadline)
         try:
             spans = window_spans(index.duration_s, segment_s, stride_s)
-            if max_windows is not None and len(spans) > max_windows:
+            total = len(spans)
+            if max_windows is not None and total > max_windows:
                 raise TooManySegmentsError(
-                    f"the video ({index.duration_s:.1f} s) makes {len(spans)} windows of {segment_s:g} s, "
+                    f"the video ({index.duration_s:.1f} s) makes {total} windows of {segment_s:g} s, "
                     f"more than the limit of {max_windows}")
+            first = 0 if only is None else min(only[0], total)
+            if only is not None:
+                spans = spans[first:only[1]]
             positions = window_positions(index, spans, int(num_frames), mode, rng)  # [W, T]
         except BaseException:
             container.close()
             raise
+        if not len(spans):
+            container.close()
+            return Windows(frames=np.zeros((0, int(num_frames), int(size), int(size), 3), np.uint8), spans=spans,
+                           duration_s=index.duration_s, distinct_frames=0, first=first, total=total)
         distinct, inverse = np.unique(positions, return_inverse=True)
         chosen = decode_positions(video_input, container, stream, index, distinct, int(size), limits, deadline,
                                   seek_cost=seek_cost)
         pooled = np.stack([chosen[int(p)] for p in distinct])  # [P, S, S, 3]
         frames = pooled[inverse.reshape(positions.shape)]  # [W, T, S, S, 3]
-        return Windows(frames=frames, spans=spans, duration_s=index.duration_s, distinct_frames=int(distinct.size))
+        return Windows(frames=frames, spans=spans, duration_s=index.duration_s, distinct_frames=int(distinct.size),
+                       first=first, total=total)
 
     return guarded(work)
