@@ -246,13 +246,13 @@ class Jobs:
             if record is None or record["state"] in FINISHED:
                 self._remove_files(record or {"id": job_id})
             return
-        try:
-            record = await self._retrying(lambda: self._write(
-                record, state=RUNNING, started_at=_now(), starts=record.get("starts", 0) + 1,
-                progress={"done_s": 0.0, "total_s": None}))
-        except StoreConflict:
-            return  # cancelled meanwhile; the cancel removed the files
         holder = {"record": record}
+        running = await self._retrying(lambda: self._advance(
+            holder, state=RUNNING, started_at=_now(), starts=record.get("starts", 0) + 1,
+            progress={"done_s": 0.0, "total_s": None}))
+        if running is None:
+            self._remove_files(record)  # cancelled meanwhile
+            return
         started = time.monotonic()
         task = asyncio.create_task(self._execute(holder, tenant))
         self._running[job_id] = task
@@ -266,11 +266,8 @@ class Jobs:
             self._running.pop(job_id, None)
         self._run_s = 0.8 * self._run_s + 0.2 * (time.monotonic() - started)
         if outcome is not None:
-            try:
-                final = await self._retrying(lambda: self._write(holder["record"], **outcome, finished_at=_now()))
-            except StoreConflict:
-                final = None  # cancelled or deleted meanwhile
-            if final is not None:
+            final = await self._retrying(lambda: self._advance(holder, **outcome, finished_at=_now()))
+            if final is not None:  # else cancelled or deleted meanwhile
                 self._spawn(self._callback(final))
         self._remove_files(holder["record"])
 
@@ -308,13 +305,21 @@ class Jobs:
         async def progress(done_s: float, total_s: float | None) -> None:
             value = {"done_s": round(float(done_s), 3), "total_s": None if total_s is None else round(float(total_s), 3)}
             try:
-                holder["record"] = await self._write(holder["record"], progress=value)
-            except StoreConflict as err:
-                raise JobCancelled() from err
+                if await self._advance(holder, progress=value) is None:
+                    raise JobCancelled()
             except StoreUnavailable:
                 log.warning("job %s: progress not recorded (store unreachable)", record["id"])
 
-        result = await self.runner(upload, tenant, record.get("request") or {}, progress)
+        deadline, pause = time.monotonic() + STORE_RETRY_S, 0.5
+        while True:  # an outage of the store is waited out, not reported as the job's failure
+            try:
+                result = await self.runner(upload, tenant, record.get("request") or {}, progress)
+                break
+            except StoreUnavailable:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 5.0)
         done = holder["record"].get("progress") or {}
         total = done.get("total_s")
         holder["record"]["progress"] = {"done_s": total if total is not None else done.get("done_s", 0.0),
@@ -339,6 +344,22 @@ class Jobs:
                                      guard=(key, record["revision"]))
         return updated
 
+    async def _advance(self, holder: dict[str, Any], **changes: Any) -> dict[str, Any] | None:
+        """Write `changes` on the job in `holder` (kept up to date there) unless it was cancelled or
+        deleted meanwhile (None then). A write that changed the record without saying so (the
+        connection dropped after Redis applied it) is read back and written on top of."""
+        for _ in range(10):
+            try:
+                holder["record"] = await self._write(holder["record"], **changes)
+                return holder["record"]
+            except StoreConflict:
+                record = holder["record"]
+                current = await self._load(record.get("tenant"), record["id"])
+                if current is None or current["state"] in FINISHED:
+                    return None
+                holder["record"] = current
+        raise StoreConflict(f"job {holder['record']['id']} kept changing")
+
     async def _retrying(self, operation: Callable[[], Awaitable[Any]]) -> Any:
         """`operation()`, retried with backoff for `STORE_RETRY_S` while the store is unreachable."""
         deadline, pause = time.monotonic() + STORE_RETRY_S, 0.25
@@ -355,6 +376,20 @@ class Jobs:
         folder = os.path.join(self.directory, str(record.get("id", "")))
         if keys.valid_job_id(str(record.get("id", ""))):
             shutil.rmtree(folder, ignore_errors=True)
+
+    def _sweep(self, keep: set[str], before: float) -> None:
+        """Remove job folders made before `before` that hold no job in `keep`."""
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return
+        for name in names:
+            path = os.path.join(self.directory, name)
+            try:
+                if keys.valid_job_id(name) and name not in keep and os.stat(path).st_mtime < before:
+                    shutil.rmtree(path, ignore_errors=True)
+            except OSError:
+                continue
 
     def _spawn(self, coroutine: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coroutine)
@@ -397,7 +432,9 @@ class Jobs:
                 pause = min(pause * 2, 30.0)
 
     async def _recover(self) -> None:
-        """Re-queue this replica's unfinished jobs whose video is still here; fail the others."""
+        """Re-queue this replica's unfinished jobs whose video is still here; fail the others; remove
+        the folders of jobs that ended while the gateway was being stopped."""
+        began = time.time()
         found: list[dict[str, Any]] = []
         for pattern in keys.job_patterns():
             for key in await self.store.keys(pattern):
@@ -431,6 +468,7 @@ class Jobs:
                     failed += 1
             except StoreConflict:
                 continue
+        self._sweep({record["id"] for record in found}, began)
         if found:
             log.info("jobs: %d unfinished job(s) of this replica re-queued, %d failed", requeued, failed)
 

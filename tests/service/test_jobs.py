@@ -116,3 +116,69 @@ async def test_full_queue_is_429_with_retry_after(tmp_path: Path) -> None:
         assert sorted(os.listdir(tmp_path / "jobs")) == sorted([running_job["id"], queued.json()["id"]])
         await client.delete(f"/jobs/{queued.json()['id']}")
         assert (await submit(client, clip, labels=["a"])).status_code == 202
+
+
+# ------------------------------------------------------------------ restarts (real processes)
+def _wait_http(url: str, job_id: str, states: set[str], timeout_s: float = 90) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        body = httpx.get(f"{url}/jobs/{job_id}", timeout=30).json()
+        if body.get("state") in states:
+            return body
+        assert time.monotonic() < deadline, body
+        time.sleep(0.1)
+
+
+def test_jobs_survive_killed_gateway_and_redis(tmp_path: Path) -> None:
+    """SIGKILL the gateway with jobs queued: on start-up those whose video is still in job_dir run, the
+    one whose video was removed fails with job_upload_lost. Then SIGKILL Redis (append-only file)
+    under a queued job: the worker waits for the store and finishes it."""
+    from tests.service.test_failures import AofRedis
+    from tests.service.live_gateway import LiveGateway
+
+    redis_server = AofRedis(tmp_path / "redis", appendfsync="always")
+    redis_server.start()
+    job_dir = tmp_path / "jobs"
+    settings = tiny_settings(redis_url=redis_server.url, redis_prefix="fsar:", decode_concurrency=1,
+                             job_workers=1, job_dir=str(job_dir))
+    gateway = LiveGateway(settings, tmp_path / "gateway")
+    clip = class_video(1, 0)
+    try:
+        gateway.start()
+        from concurrent.futures import ThreadPoolExecutor
+
+        def post(_: int) -> httpx.Response:
+            return httpx.post(f"{gateway.url}/jobs", data={"labels": LABELS[:2], "explain": "true"}, timeout=60,
+                              files=[("video", ("q.mp4", clip, "video/mp4"))])
+
+        with ThreadPoolExecutor(8) as pool:  # all at once: one worker cannot finish them before the kill
+            responses = list(pool.map(post, range(8)))
+        assert [r.status_code for r in responses] == [202] * 8, responses[0].text
+        ids = [r.json()["id"] for r in responses]
+        gateway.kill()
+        unfinished = sorted(os.listdir(job_dir))
+        assert len(unfinished) >= 2, "the jobs ran faster than they were submitted"
+        lost = unfinished[-1]
+        (job_dir / lost / "video").unlink()
+        gateway.start()
+        for job_id in ids:
+            body = _wait_http(gateway.url, job_id, {"succeeded", "failed"})
+            if job_id == lost:
+                assert body["state"] == "failed" and body["error"]["code"] == "job_upload_lost", body
+            else:
+                assert body["state"] == "succeeded", body
+                assert [p["label"] for p in body["result"]["predictions"]] != []
+        assert os.listdir(job_dir) == []
+
+        # Redis dies right after a job is accepted and comes back from its append-only file.
+        response = httpx.post(f"{gateway.url}/jobs", data={"labels": LABELS[:2]}, timeout=60,
+                              files=[("video", ("q.mp4", clip, "video/mp4"))])
+        job_id = response.json()["id"]
+        redis_server.kill()
+        assert_error(httpx.get(f"{gateway.url}/jobs/{job_id}", timeout=30), 503, "store_unavailable")
+        time.sleep(1.0)
+        redis_server.start()
+        assert _wait_http(gateway.url, job_id, {"succeeded", "failed"})["state"] == "succeeded"
+    finally:
+        gateway.close()
+        redis_server.kill()
