@@ -137,8 +137,37 @@ class Settings(BaseSettings):
         0.5, ge=0.0, le=1.0,
         description="Hybrid mode weight w: p = w * p_zero_shot + (1 - w) * p_few_shot.")
 
+    # ------------------------------------------------------------------ jobs and webhooks
+    job_workers: int = Field(
+        1, ge=1, le=64, description="Jobs (POST /jobs) worked at once by each gateway process; each runs one "
+                                    "classification like a POST /classify request.")
+    max_queued_jobs: int = Field(
+        100, ge=1, le=100_000,
+        description="Most jobs waiting in one gateway process's queue; past it POST /jobs -> 429 with Retry-After.")
+    job_ttl_s: int = Field(
+        86400, gt=0, le=MAX_TTL_S,
+        description=f"Lifetime of a job record and its result in the store, in seconds (1 to {MAX_TTL_S}), "
+                    "counted from its last change.")
+    job_dir: str | None = Field(
+        None, description="Folder holding each queued job's video until the job ends (one subfolder per job), on "
+                          "this replica's own disk: a restarted gateway re-queues the jobs whose video is still "
+                          "there. Unset = a 'fsar-jobs' folder in upload_dir (or TMPDIR); keep it on a persistent "
+                          "volume for jobs to survive a container's replacement.")
+    webhook_secrets: str | None = Field(
+        None, repr=False,
+        description="Secrets that sign job callbacks (callback_url), as 'tenant:secret,tenant:secret'; the tenant "
+                    "'*' signs for every tenant without its own entry and for a gateway without API keys. Unset = "
+                    "callback_url is refused (422).")
+    webhook_allow_private: bool = Field(
+        False, description="Allow callback_url on loopback, private, link-local and other non-public addresses "
+                           "(tests, a private network); off: such URLs are refused with 422.")
+    webhook_max_attempts: int = Field(
+        5, ge=1, le=20,
+        description="Deliveries tried per job callback (backoff 1, 2, 4 ... s, at most 60 s) until one gets a 2xx.")
+    webhook_timeout_s: float = Field(10.0, gt=0, le=120, description="Time budget of one callback delivery, in seconds.")
+
     @field_validator("pretrained", "checkpoint", "redis_url", "metric", "api_keys", "api_keys_file", "upload_dir",
-                     mode="before")
+                     "job_dir", "webhook_secrets", mode="before")
     @classmethod
     def _none_words(cls, value: Any) -> Any:
         """Let environment variables and flags spell None ('none', 'null', '')."""
@@ -214,8 +243,9 @@ class Settings(BaseSettings):
     def redacted(self) -> dict[str, Any]:
         """Settings as a dict with API keys and any password in the Redis URL masked (for logs and /model)."""
         values = self.model_dump()
-        if values.get("api_keys"):
-            values["api_keys"] = "***"
+        for secret in ("api_keys", "webhook_secrets"):
+            if values.get(secret):
+                values[secret] = "***"
         url = values.get("redis_url")
         if url and "@" in url:
             scheme, _, rest = url.partition("://")

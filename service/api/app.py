@@ -5,7 +5,8 @@ failure stops the server at start-up), wires them into an `FsarService` and clos
 shutdown. API keys are read when the app is created (a bad key configuration stops it there).
 Every error leaves as `{"error": {"code": ..., "message": ...}}` (see `service/errors.py`).
 
-Middleware, outermost first: request metrics -> the page's static files (`routes_ui.UiMiddleware`) ->
+Middleware, outermost first: request metrics -> the API docs' files (`docs.DocsAssetsMiddleware`) ->
+the page's static files (`routes_ui.UiMiddleware`) ->
 access (API key 401, rate limit 429) -> body size limit (413) -> multipart closing boundary (400) ->
 routes. Access and size checks answer before the body is read.
 """
@@ -20,11 +21,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.api import routes_classify, routes_ops, routes_support_sets, routes_ui
+from service.api import routes_classify, routes_jobs, routes_ops, routes_support_sets, routes_ui
+from service.api.docs import DocsAssetsMiddleware, install_docs
 from service.api.multipart import MultipartEndMiddleware
 from service.auth import AccessMiddleware, describe_access, load_key_ring
 from service.backends import create_backend
 from service.core import FsarService
+from service.core.jobs import Jobs
 from service.errors import ApiError, render
 from service.limits import BodySizeLimitMiddleware
 from service.telemetry import Metrics, RequestMetricsMiddleware
@@ -63,6 +66,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         service = FsarService(settings, store, backend, metrics)
         app.state.service = service
         app.state.rate_limiter = create_rate_limiter(settings, store)
+        jobs = Jobs(settings, store, routes_jobs.classification_runner(service))
+        await jobs.start()
+        app.state.jobs = jobs
         card = service.model_card()
         log.info("serving %s (fingerprint %s) with the %s backend; store: %s", card["description"],
                  str(card["fingerprint"])[:16], settings.backend, card["store"])
@@ -73,6 +79,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             app.state.service = None
             app.state.rate_limiter = None
+            app.state.jobs = None
+            await jobs.close()
             await service.close()
             await backend.close()
             await store.close()
@@ -82,16 +90,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Few-shot and zero-shot video action recognition.",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # served by service.api.docs, with files from the package (no CDN)
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.service = None
     app.state.rate_limiter = None
+    app.state.jobs = None
     app.state.key_ring = key_ring
     app.include_router(routes_support_sets.router)
     app.include_router(routes_classify.router)
     app.include_router(routes_ops.router)
     app.include_router(routes_ui.router)
+    app.include_router(routes_jobs.router)
+    install_docs(app)
     install_error_handlers(app)
     # Outermost last: metrics see every response, including 401/429s and 413s from the body limit.
     app.add_middleware(MultipartEndMiddleware)
@@ -99,6 +112,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(AccessMiddleware, key_ring=key_ring, metrics=metrics)
     # The page (/ui, its files, with its Content-Security-Policy) loads without a key; it then asks for one.
     app.add_middleware(routes_ui.UiMiddleware)
+    app.add_middleware(DocsAssetsMiddleware)  # the API docs' files, open like the docs pages
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     return app
 

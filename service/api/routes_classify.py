@@ -1,8 +1,13 @@
-"""`POST /classify`: few-shot, zero-shot or hybrid classification of one video."""
+"""`POST /classify`: few-shot, zero-shot or hybrid classification of one video.
+
+Its form fields (all but the video) are declared once, in `classify_fields`: `POST /jobs` takes the
+same dependency, so a field added there reaches both endpoints (and `FsarService.classify`, which gets
+every field as a keyword argument). `classification_body` renders a result for both.
+"""
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Form, UploadFile
 
@@ -10,6 +15,7 @@ from service.api.deps import get_service, get_tenant, stored_uploads
 from service.api.schemas import ClassifyResponse, ErrorResponse, Label
 from service.bounds import MAX_LABELS, MAX_SET_ID_CHARS, MAX_TOP_K, SET_ID_PATTERN
 from service.core import FsarService
+from service.core.classify import Classification
 from service.core.explain import EXPLAIN_TOP_CLASSES, EXPLANATION_MAX_BYTES
 
 router = APIRouter(tags=["classify"])
@@ -17,12 +23,7 @@ router = APIRouter(tags=["classify"])
 _ERRORS = {status: {"model": ErrorResponse} for status in (401, 404, 409, 413, 415, 422, 429, 503)}
 
 
-@router.post("/classify", response_model=ClassifyResponse, response_model_exclude_unset=True, responses=_ERRORS,
-             summary="Classify a video")
-async def classify(
-    video: Annotated[UploadFile, File(description="The query video.")],
-    service: Annotated[FsarService, Depends(get_service)],
-    tenant: Annotated[str | None, Depends(get_tenant)],
+def classify_fields(
     support_set_id: Annotated[str | None, Form(min_length=1, max_length=MAX_SET_ID_CHARS, pattern=SET_ID_PATTERN,
                                                description="Few-shot: match against this set.")] = None,
     labels: Annotated[list[Label] | None, Form(max_length=MAX_LABELS,
@@ -40,14 +41,34 @@ async def classify(
                     "frame-to-frame similarity of the query with the prototype and the metric's alignment, plus "
                     f"JPEG thumbnails of the sampled query frames; at most {EXPLANATION_MAX_BYTES} bytes of "
                     "JSON.")] = False,
+) -> dict[str, Any]:
+    """The classification fields of a request, by name: exactly the keyword arguments of
+    `FsarService.classify` besides the upload and the tenant (JSON values: a job stores them)."""
+    return dict(locals())
+
+
+ClassifyFields = Annotated[dict[str, Any], Depends(classify_fields)]
+
+
+def classification_body(result: Classification) -> dict[str, Any]:
+    """The response body of a classification (`ClassifyResponse`), as `POST /classify` and jobs give it."""
+    body = asdict(result)
+    if body.get("explanation") is None:
+        body.pop("explanation", None)  # absent, not null, without explain
+    return body
+
+
+@router.post("/classify", response_model=ClassifyResponse, response_model_exclude_unset=True, responses=_ERRORS,
+             summary="Classify a video")
+async def classify(
+    video: Annotated[UploadFile, File(description="The query video.")],
+    service: Annotated[FsarService, Depends(get_service)],
+    tenant: Annotated[str | None, Depends(get_tenant)],
+    fields: ClassifyFields,
 ) -> dict:
     """Scores are probabilities that sum to 1 over all candidate labels
     (see `service.core.classify.Classifier.classify`)."""
     # The video lives in a file in upload_dir while the request runs (never whole in memory).
     async with stored_uploads([video], service.settings.upload_dir) as (upload,):
-        result = await service.classify(upload, support_set_id=support_set_id, labels=labels, top_k=top_k,
-                                        tenant=tenant, text_weight=text_weight, explain=explain)
-    body = asdict(result)
-    if body.get("explanation") is None:
-        body.pop("explanation", None)  # absent, not null, without explain
-    return body
+        result = await service.classify(upload, tenant=tenant, **fields)
+    return classification_body(result)

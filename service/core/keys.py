@@ -14,6 +14,8 @@ without API keys:
     {ns}cache:query:{fp}:{s}:{h}       float32 [T, D] query features             (query_cache_ttl_s)
     {ns}cache:support:{fp}:{s}:{h}:{lk} float32 [T, D] support features, shared by the tenant's sets
     cache:text:{fp}:{lk}               float32 [D] label text features, shared (query_cache_ttl_s)
+    {ns}job:{id}                       JSON: one job (POST /jobs): state, revision, parameters, progress,
+                                       result or error, owner replica, callback delivery (job_ttl_s)
 
 Tenants: every support set and every cache that depends on uploaded bytes lives under its tenant's
 namespace, so another tenant can neither read, classify against, list nor delete a set (404, as for a
@@ -158,3 +160,36 @@ def plain_key(key: str) -> str:
     """The inverse of `cluster_key`: the layout's key of a key read back from a cluster."""
     match = _TAGGED_SET_KEY.fullmatch(key)
     return key if match is None else f"{match[1]}{match[2]}{match[3] or ''}"
+
+
+# ---------------------------------------------------------------------------- jobs
+#: A job id (made as uuid4 hex).
+JOB_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def valid_job_id(job_id: str | None) -> bool:
+    """Whether `job_id` can name a job at all (anything else is a 404 without a look-up)."""
+    return bool(JOB_ID.fullmatch(job_id or ""))
+
+
+def job_key(tenant: str | None, job_id: str) -> str:
+    """`{ns}job:{id}`: one job's record."""
+    return f"{namespace(tenant)}job:{job_id}"
+
+
+def job_patterns() -> list[str]:
+    """Patterns matching the record of every job of every tenant (start-up recovery)."""
+    return ["job:*", "tenant:*:job:*"]
+
+
+def job_of_key(key: str) -> tuple[str | None, str] | None:
+    """`(tenant, job id)` of a key `job_patterns()` matched; None for any other key."""
+    head, _, job_id = key.rpartition("job:")
+    if not valid_job_id(job_id):
+        return None
+    if head == "":
+        return None, job_id
+    match = re.fullmatch(r"tenant:([^:]+):", head)
+    if match is None or not TENANT_NAME.fullmatch(match.group(1)):
+        return None
+    return match.group(1), job_id

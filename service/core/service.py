@@ -14,14 +14,18 @@ from service.core.classify import Classification, Classifier
 from service.core.explain import Explainer
 from service.core.features import Features
 from service.core.ingest import Decoder
+from service.core.ingest import decode_limits
 from service.core.instrumented import CountedBackend, TimedStore
 from service.core.model import ModelFacts
 from service.core.support_sets import SupportSets
 from service.core.uploads import Upload
 from service.decode_pool import DecodePool
+from service.errors import from_decode_error
+from service.probe import probe_seconds
 from service.settings import Settings
 from service.store.base import Store
 from service.telemetry import Metrics
+from training.video.errors import VideoDecodeError
 
 
 class FsarService:
@@ -90,6 +94,14 @@ class FsarService:
         return await self._classifier.classify(upload, support_set_id=support_set_id, labels=labels,
                                                top_k=top_k, tenant=tenant, text_weight=text_weight,
                                                explain=explain)
+
+    async def video_seconds(self, upload: Upload) -> float:
+        """How long an upload on disk lasts, in seconds, measured in the decode pool (a job's progress
+        total). Raises PayloadTooLarge (413) or UnsupportedMedia (415) as a classification would."""
+        try:
+            return await self.decode_pool.run(probe_seconds, upload.path, decode_limits(self.settings))
+        except VideoDecodeError as err:
+            raise from_decode_error(err, upload.filename) from err
 
     # ------------------------------------------------------------------ operations
     def model_card(self) -> dict[str, Any]:
