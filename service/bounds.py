@@ -15,6 +15,8 @@ ask for a value a request could not carry.
 | `top_k` | 1 .. `MAX_TOP_K` |
 | `support_set_id` | `SET_ID_PATTERN`: 1-64 of `A-Z a-z 0-9 _ -` |
 | `max_files_per_request`, `max_labels_per_request` | at most `MAX_LABELS` |
+| `segment_seconds`, `stride_seconds` | `MIN_SEGMENT_S` .. `MAX_SEGMENT_S` |
+| `max_segments` | 1 .. `MAX_SEGMENTS` |
 """
 from __future__ import annotations
 
@@ -37,3 +39,9 @@ MAX_TOP_K = 10_000
 MAX_SET_ID_CHARS = 64
 #: What a support-set id looks like (ids are made as uuid4 hex).
 SET_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+#: Shortest window of a long video (`segment_seconds`, `stride_seconds`), in seconds.
+MIN_SEGMENT_S = 0.1
+#: Longest window or stride, in seconds (one hour).
+MAX_SEGMENT_S = 3600.0
+#: Most windows a setting may allow one video to be cut into.
+MAX_SEGMENTS = 100_000

@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.bounds import MAX_LABELS, MAX_TTL_S
+from service.bounds import MAX_LABELS, MAX_SEGMENTS, MAX_TTL_S
 
 ENV_PREFIX = "FSAR_"
 _NONE_WORDS = {"", "none", "null", "random"}
@@ -110,6 +110,10 @@ class Settings(BaseSettings):
     max_video_seconds: float = Field(600.0, gt=0, description="Longest accepted video in seconds; longer -> 413.")
     max_pixels: int = Field(4096 * 4096, gt=0, description="Most pixels per frame (width x height); more -> 413.")
     decode_timeout_s: float = Field(30.0, gt=0, description="Time budget to decode one video, in seconds; over -> 415.")
+    max_segments: int = Field(
+        600, ge=1, le=MAX_SEGMENTS,
+        description="Most windows one video may be cut into with segment_seconds (POST /classify); more -> 413 "
+                    "too_many_segments, before any frame is decoded.")
     decode_concurrency: int = Field(
         2, ge=1, description="Videos decoded at once (decode worker processes, or threads with "
                              "decode_isolation=thread).")

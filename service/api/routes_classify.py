@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, File, Form, UploadFile
 
 from service.api.deps import get_service, get_tenant, stored_uploads
 from service.api.schemas import ClassifyResponse, ErrorResponse, Label
-from service.bounds import MAX_LABELS, MAX_SET_ID_CHARS, MAX_TOP_K, SET_ID_PATTERN
+from service.bounds import MAX_LABELS, MAX_SEGMENT_S, MAX_SET_ID_CHARS, MAX_TOP_K, MIN_SEGMENT_S, SET_ID_PATTERN
 from service.core import FsarService
 from service.core.classify import Classification
 from service.core.explain import EXPLAIN_TOP_CLASSES, EXPLANATION_MAX_BYTES
@@ -41,6 +41,17 @@ def classify_fields(
                     "frame-to-frame similarity of the query with the prototype and the metric's alignment, plus "
                     f"JPEG thumbnails of the sampled query frames; at most {EXPLANATION_MAX_BYTES} bytes of "
                     "JSON.")] = False,
+    segment_seconds: Annotated[float | None, Form(
+        ge=MIN_SEGMENT_S, le=MAX_SEGMENT_S, allow_inf_nan=False,
+        description="Long videos: classify every window of this many seconds (T frames each, sampled as a whole "
+                    "video is) and answer `segments` (each window's predictions and verdict) and `events` (maximal "
+                    "runs of windows with one confident label); the top-level predictions are then the mean of the "
+                    "windows' probabilities. One decoding pass over the file; more windows than the server's "
+                    "max_segments -> 413 too_many_segments. Unset: the whole video, as one clip.")] = None,
+    stride_seconds: Annotated[float | None, Form(
+        ge=MIN_SEGMENT_S, le=MAX_SEGMENT_S, allow_inf_nan=False,
+        description="Seconds between window starts (with segment_seconds); default segment_seconds (windows "
+                    "side by side). Smaller: overlapping windows.")] = None,
 ) -> dict[str, Any]:
     """The classification fields of a request, by name: exactly the keyword arguments of
     `FsarService.classify` besides the upload and the tenant (JSON values: a job stores them)."""
@@ -53,8 +64,14 @@ ClassifyFields = Annotated[dict[str, Any], Depends(classify_fields)]
 def classification_body(result: Classification) -> dict[str, Any]:
     """The response body of a classification (`ClassifyResponse`), as `POST /classify` and jobs give it."""
     body = asdict(result)
-    if body.get("explanation") is None:
-        body.pop("explanation", None)  # absent, not null, without explain
+    for optional in ("explanation", "unknown", "open_set_score", "segments", "events"):
+        if body.get(optional) is None:
+            body.pop(optional, None)  # absent, not null, when the request did not ask for it
+    if body.get("segments") is not None:
+        for segment in body["segments"]:
+            for optional in ("unknown", "open_set_score"):
+                if segment.get(optional) is None:
+                    segment.pop(optional, None)
     return body
 
 

@@ -73,7 +73,9 @@ def classification_runner(service: FsarService) -> Runner:
     async def run(upload: Upload, tenant: str | None, fields: Mapping[str, Any], progress: Progress) -> dict:
         total_s = await service.video_seconds(upload)
         await progress(0.0, total_s)
-        result = await service.classify(upload, tenant=tenant, **fields)
+        # With segment_seconds the classification reports each piece of windows it has done.
+        windowed = fields.get("segment_seconds") is not None
+        result = await service.classify(upload, tenant=tenant, progress=progress if windowed else None, **fields)
         await progress(total_s, total_s)
         return classification_body(result)
 

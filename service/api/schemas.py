@@ -10,7 +10,7 @@ from service.bounds import MAX_LABEL_FIELD_CHARS
 #: One label as sent in a form (cleaned and checked again by `service.core.checks.clean_labels`).
 Label = Annotated[str, StringConstraints(max_length=MAX_LABEL_FIELD_CHARS)]
 
-from service.core.explain import EXPLAIN_TOP_CLASSES, EXPLANATION_MAX_BYTES
+from service.core.explain import EXPLANATION_MAX_BYTES
 
 
 class ErrorDetail(BaseModel):
@@ -122,6 +122,25 @@ class Explanation(BaseModel):
     max_bytes: int = Field(description="Upper bound of this object's JSON size.")
 
 
+class SegmentResult(BaseModel):
+    """One window of a long video (`segment_seconds`)."""
+
+    start_s: float = Field(description="Start of the window, seconds from the video's first frame.")
+    end_s: float = Field(description="End of the window (the last window may be shorter).")
+    predictions: list[Prediction]
+    unknown: bool | None = Field(None, description="Few-shot and hybrid: the window looks like none of the classes.")
+    open_set_score: float | None = Field(None, ge=0.0, le=1.0, description="As the top-level field, for this window.")
+
+
+class EventResult(BaseModel):
+    """An action located in a long video."""
+
+    label: str
+    start_s: float
+    end_s: float
+    score: float = Field(description="Mean probability of the label over the event's windows.")
+
+
 class ClassifyResponse(BaseModel):
     """The answer to `POST /classify`."""
 
@@ -138,6 +157,19 @@ class ClassifyResponse(BaseModel):
     explanation: Explanation | None = Field(
         None, description=f"Only with explain=true: similarities, alignments and thumbnails (at most {EXPLANATION_MAX_BYTES} "
               "bytes of JSON).")
+    unknown: bool | None = Field(
+        None, description="Few-shot and hybrid: true when the video looks like none of the support set's classes "
+                          "(open_set_score above the set's calibrated threshold, or unknown_threshold); the ranked "
+                          "predictions are unchanged. With segment_seconds: true when every window is unknown.")
+    open_set_score: float | None = Field(
+        None, ge=0.0, le=1.0,
+        description="Few-shot and hybrid: how unlike every support class the video is, 0 (like one of them) to 1 "
+                    "(like none). With segment_seconds: the lowest over the windows.")
+    segments: list[SegmentResult] | None = Field(
+        None, description="Only with segment_seconds: each window, in time order.")
+    events: list[EventResult] | None = Field(
+        None, description="Only with segment_seconds: maximal runs of consecutive windows with the same best "
+                          "label that are not unknown; score = mean probability of that label over the run.")
 
 
 class Health(BaseModel):

@@ -1,8 +1,13 @@
-"""Classification of one query video: few-shot, zero-shot or hybrid."""
+"""Classification of one query video: few-shot, zero-shot or hybrid; whole, or window by window.
+
+The scores of every mode are computed for a batch of queries `[Q, T, D]`: one row for a whole video,
+one per window for a long video classified with `segment_seconds` (`Features.query_windows`), whose
+window answers become events (`service.core.timeline`).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Awaitable, Callable, Literal, Sequence
 
 import numpy as np
 
@@ -13,12 +18,15 @@ from service.core.features import Features
 from service.core.instrumented import CountedBackend
 from service.core.model import ModelFacts
 from service.core.support_sets import SupportSets
+from service.core.timeline import Event, find_events
 from service.core.timings import Timings
 from service.core.uploads import Upload
+from service.bounds import MAX_SEGMENT_S, MIN_SEGMENT_S
 from service.errors import InvalidField, PayloadTooLarge
 from service.settings import Settings
 
 Source = Literal["support", "text", "both"]
+Mode = Literal["few-shot", "zero-shot", "hybrid"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +36,29 @@ class Prediction:
     label: str
     score: float
     source: Source
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One window of a long video and its answer."""
+
+    start_s: float
+    end_s: float
+    predictions: list[Prediction]  # best first (`top_k` applies)
+    unknown: bool | None = None
+    open_set_score: float | None = None
+
+
+@dataclass(frozen=True)
+class Scores:
+    """The scores of a batch of Q queries over C candidates (support classes first)."""
+
+    mode: Mode
+    probs: np.ndarray  # [Q, C], rows sum to 1
+    candidates: list[str]
+    sources: dict[str, Source]
+    prototypes: np.ndarray | None  # [N, T, D], few-shot and hybrid
+    q2s_logits: np.ndarray | None  # [Q, N]: the metric's own logits against the support classes
 
 
 @dataclass(frozen=True)
@@ -43,6 +74,10 @@ class Classification:
     query_cache_hit: bool
     timings_ms: dict[str, float]  # decode, encode, match
     explanation: dict[str, Any] | None = None  # with explain=True (service/core/explain.py)
+    unknown: bool | None = None  # few-shot / hybrid: "none of these" (service/core/open_set.py)
+    open_set_score: float | None = None
+    segments: list["Segment"] | None = None  # with segment_seconds
+    events: list[Event] | None = None  # with segment_seconds
 
 
 class Classifier:
@@ -59,7 +94,9 @@ class Classifier:
 
     async def classify(self, upload: Upload, *, support_set_id: str | None, labels: Sequence[str] | None,
                        top_k: int | None, tenant: str | None, text_weight: float | None = None,
-                       explain: bool = False) -> Classification:
+                       explain: bool = False, segment_seconds: float | None = None,
+                       stride_seconds: float | None = None,
+                       progress: Callable[[float, float], Awaitable[None]] | None = None) -> Classification:
         """Label one query video (few-shot against one of the tenant's sets).
 
         - few-shot (`support_set_id`): the model's `classify` against the set's cached prototypes
@@ -79,21 +116,71 @@ class Classifier:
         (`zero_shot` against the classes' label texts) and Q2S (`classify` without texts) logits;
         hybrid, it replaces `hybrid_text_weight`. None keeps the model's and the settings' weights.
 
+        `segment_seconds` (and `stride_seconds`, default the same) classifies every window of the video
+        instead: `segments` holds each window's answer, `events` the maximal runs of windows with one
+        label that are not unknown, and the top-level `predictions` are the mean of the windows'
+        probabilities. `await progress(done_s, total_s)` follows each piece of windows done.
+
         Scores are probabilities summing to 1 over all candidates; `top_k` keeps the best k.
-        `explain` adds an `explanation` (`service.core.explain.Explainer.explain`).
+        `explain` adds an `explanation` (`service.core.explain.Explainer.explain`; whole videos only).
         """
         labels = unique(clean_labels(labels or []))
         self._check(labels, support_set_id, top_k, text_weight)
+        check_windows(segment_seconds, stride_seconds)
         check_not_empty(upload)
         manifest = await self._support_sets.load(support_set_id, tenant) if support_set_id is not None else None
 
         timings = Timings()
-        query_feats, cache_hit = await self._features.query(upload, tenant, timings)
-        query_batch = query_feats[None]  # [1, T, D]
+        spans = None
+        if segment_seconds is None:
+            query_feats, cache_hit = await self._features.query(upload, tenant, timings)
+            queries = query_feats[None]  # [1, T, D]
+        else:
+            stride = segment_seconds if stride_seconds is None else stride_seconds
+            queries, spans, cache_hit = await self._features.query_windows(
+                upload, tenant, segment_seconds, stride, timings, progress)  # [W, T, D], [W, 2]
+        scores = await self._score(queries, manifest, labels, text_weight, timings)
 
+        video_probs = scores.probs.mean(axis=0)  # [C]: the video's, or the mean over its windows
+        ranked = self._ranked(scores, video_probs)
+        explanation = None
+        if explain and self._explainer is not None and spans is None:
+            explanation = await self._explainer.explain(upload, queries[0], scores.prototypes,
+                                                        list(manifest.classes) if manifest else [], ranked)
+        segments = events = None
+        if spans is not None:
+            segments = [Segment(start_s=round(float(start), 3), end_s=round(float(end), 3),
+                                predictions=self._ranked(scores, row)[:top_k] if top_k else self._ranked(scores, row))
+                        for (start, end), row in zip(spans, scores.probs)]
+            events = find_events(spans, [segment.predictions[0].label if segment.unknown is not True else None
+                                         for segment in segments],
+                                 [segment.predictions[0].score for segment in segments])
+        return Classification(
+            mode=scores.mode,
+            predictions=ranked[:top_k] if top_k is not None else ranked,
+            support_set_id=support_set_id,
+            labels=labels or None,
+            num_candidates=len(scores.candidates),
+            model=self._model.fingerprint,
+            query_cache_hit=cache_hit,
+            timings_ms=timings.milliseconds(),
+            explanation=explanation,
+            segments=segments,
+            events=events,
+        )
+
+    @staticmethod
+    def _ranked(scores: Scores, probs: np.ndarray) -> list[Prediction]:
+        """The candidates by `probs` `[C]`, best first (ties keep the candidates' order)."""
+        order = np.argsort(-probs, kind="stable")
+        return [Prediction(scores.candidates[i], float(probs[i]), scores.sources[scores.candidates[i]]) for i in order]
+
+    async def _score(self, queries: np.ndarray, manifest: Any, labels: list[str], text_weight: float | None,
+                     timings: Timings) -> Scores:
+        """Probabilities of queries `[Q, T, D]` over the candidates, with the mode they came from."""
         candidates: list[str] = []
         sources: dict[str, Source] = {}
-        few_probs = zero_probs = prototypes = None
+        few_probs = zero_probs = prototypes = q2s = None
         if manifest is not None:
             classes = list(manifest.classes)
             with timings.measure("match"):
@@ -102,11 +189,11 @@ class Classifier:
                 class_text = await self._features.text(classes)  # [N, D]
             metric = self._model.metric_for_set(manifest.id, manifest.metric)
             with timings.measure("match"):
+                q2s = await self._backend.classify(queries, prototypes, None, metric=metric)  # [Q, N]
                 if text_weight is None or labels:  # the model's own mix (hybrid: the few-shot part)
-                    few_probs = softmax(await self._backend.classify(query_batch, prototypes, class_text,
-                                                                     metric=metric))[0]  # [N]
+                    few_probs = softmax(await self._backend.classify(queries, prototypes, class_text, metric=metric))
                 else:
-                    few_probs = await self._mixed(query_batch, prototypes, class_text, metric, text_weight)
+                    few_probs = await self._mixed(queries, q2s, class_text, text_weight)  # [Q, N]
             candidates = classes
             sources = {label: "support" for label in classes}
         if labels:
@@ -117,36 +204,19 @@ class Classifier:
             with timings.measure("encode"):
                 text_feats = await self._features.text(candidates)  # [C, D]
             with timings.measure("match"):
-                logits = await self._backend.zero_shot(query_batch, text_feats)
-            zero_probs = softmax(logits)[0]  # [C]
-
+                zero_probs = softmax(await self._backend.zero_shot(queries, text_feats))  # [Q, C]
         mode, probs = self._fuse(few_probs, zero_probs, len(candidates), text_weight)
-        order = np.argsort(-probs, kind="stable")
-        ranked = [Prediction(candidates[i], float(probs[i]), sources[candidates[i]]) for i in order]
-        explanation = None
-        if explain and self._explainer is not None:
-            explanation = await self._explainer.explain(upload, query_feats, prototypes,
-                                                        list(manifest.classes) if manifest else [], ranked)
-        return Classification(
-            mode=mode,
-            predictions=ranked[:top_k] if top_k is not None else ranked,
-            support_set_id=support_set_id,
-            labels=labels or None,
-            num_candidates=len(candidates),
-            model=self._model.fingerprint,
-            query_cache_hit=cache_hit,
-            timings_ms=timings.milliseconds(),
-            explanation=explanation,
-        )
+        return Scores(mode=mode, probs=probs, candidates=candidates, sources=sources, prototypes=prototypes,
+                      q2s_logits=q2s)
 
-    async def _mixed(self, query_batch: np.ndarray, prototypes: np.ndarray, class_text: np.ndarray,
-                     metric: str | None, text_weight: float) -> np.ndarray:
-        """Few-shot probabilities `[N]` with the text share `text_weight` instead of the model's alpha:
+    async def _mixed(self, queries: np.ndarray, q2s_logits: np.ndarray, class_text: np.ndarray,
+                     text_weight: float) -> np.ndarray:
+        """Few-shot probabilities `[Q, N]` with the text share `text_weight` instead of the model's alpha:
         w * softmax(Q2T) + (1 - w) * softmax(Q2S), the model's own formula with another weight."""
-        q2s = softmax(await self._backend.classify(query_batch, prototypes, None, metric=metric))[0]  # [N]
+        q2s = softmax(q2s_logits)  # [Q, N]
         if text_weight == 0.0:
             return q2s
-        q2t = softmax(await self._backend.zero_shot(query_batch, class_text))[0]  # [N]
+        q2t = softmax(await self._backend.zero_shot(queries, class_text))  # [Q, N]
         return text_weight * q2t + (1.0 - text_weight) * q2s
 
     def _check(self, labels: list[str], support_set_id: str | None, top_k: int | None,
@@ -164,13 +234,24 @@ class Classifier:
             raise InvalidField("text_weight must be between 0 and 1.", code="invalid_text_weight")
 
     def _fuse(self, few_probs: np.ndarray | None, zero_probs: np.ndarray | None, num_candidates: int,
-              text_weight: float | None) -> tuple[Literal["few-shot", "zero-shot", "hybrid"], np.ndarray]:
-        """The mode and the probabilities `[C]` over all candidates (support classes first)."""
+              text_weight: float | None) -> tuple[Mode, np.ndarray]:
+        """The mode and the probabilities `[Q, C]` over all candidates (support classes first)."""
         if few_probs is not None and zero_probs is not None:
             weight = self._settings.hybrid_text_weight if text_weight is None else text_weight
-            few_padded = np.zeros(num_candidates)
-            few_padded[:len(few_probs)] = few_probs  # support classes come first; text-only get 0
+            few_padded = np.zeros((few_probs.shape[0], num_candidates))
+            few_padded[:, :few_probs.shape[1]] = few_probs  # support classes come first; text-only get 0
             return "hybrid", weight * zero_probs + (1.0 - weight) * few_padded
         if few_probs is not None:
             return "few-shot", few_probs
         return "zero-shot", zero_probs  # type: ignore[return-value]
+
+
+def check_windows(segment_seconds: float | None, stride_seconds: float | None) -> None:
+    """`segment_seconds` and `stride_seconds` within their bounds (`service.bounds`); a stride needs a
+    segment. 422 otherwise."""
+    for name, value in (("segment_seconds", segment_seconds), ("stride_seconds", stride_seconds)):
+        if value is not None and not MIN_SEGMENT_S <= value <= MAX_SEGMENT_S:  # also refuses nan
+            raise InvalidField(f"{name} must be between {MIN_SEGMENT_S:g} and {MAX_SEGMENT_S:g} seconds.",
+                               code="invalid_segment")
+    if stride_seconds is not None and segment_seconds is None:
+        raise InvalidField("stride_seconds needs segment_seconds.", code="invalid_segment")

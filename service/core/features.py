@@ -6,6 +6,8 @@ look-up counts a hit or a miss (`fsar_cache_requests_total{cache}`).
 """
 from __future__ import annotations
 
+from typing import Awaitable, Callable
+
 import numpy as np
 
 from service.core import keys
@@ -22,6 +24,10 @@ from service.telemetry import Metrics
 
 #: Videos per backend `encode_videos` call.
 ENCODE_BATCH = 8
+
+
+#: Windows of a long video decoded and encoded together (about 38 MB of frames at 8 x 224 px).
+WINDOW_CHUNK = 32
 
 
 class Features:
@@ -77,6 +83,46 @@ class Features:
             feats = (await self.encode_videos([clip], None))[0]
         await self._store.set_array(key, feats, ttl_s=self._cache_ttl_s)
         return feats, False
+
+    async def query_windows(self, upload: Upload, tenant: str | None, segment_s: float, stride_s: float,
+                            timings: Timings, progress: Callable[[float, float], Awaitable[None]] | None = None,
+                            ) -> tuple[np.ndarray, np.ndarray, bool]:
+        """Query features of every window of a long video: `[W, T, D]` (query branch), the windows'
+        `(start_s, end_s)` `[W, 2]`, and whether they came from the tenant's cache.
+
+        The video is taken in pieces of `WINDOW_CHUNK` windows (bounded memory however long it is):
+        each piece is one decoding plan over its stretch of the file in a decode worker, then encoded in
+        batches. `await progress(done_s, total_s)`, if given, follows each piece."""
+        model = self._model
+        feats_key, spans_key = (keys.query_windows_cache_key(tenant, model.fingerprint, model.sampling, upload.sha256,
+                                                             segment_s, stride_s, part) for part in ("feats", "spans"))
+        cached_feats, cached_spans = await self._store.get_arrays([feats_key, spans_key])
+        hit = cached_feats is not None and cached_spans is not None
+        self._metrics.cache_result("query", hit=hit)
+        if hit:
+            return cached_feats, cached_spans, True
+        feats: list[np.ndarray] = []
+        spans: list[np.ndarray] = []
+        first, total = 0, None
+        while total is None or first < total:
+            with timings.measure("decode"):
+                piece = await self._decoder.decode_windows(upload, segment_s, stride_s, (first, first + WINDOW_CHUNK))
+            total = piece.total
+            if not len(piece):
+                break
+            with timings.measure("encode"):
+                feats.append(await self.encode_videos(list(piece.frames), None))  # [w, T, D]
+            spans.append(piece.spans)
+            first += len(piece)
+            if progress is not None:
+                await progress(float(piece.spans[-1, 1]), float(piece.duration_s))
+        all_feats = np.concatenate(feats).astype(np.float32, copy=False)  # [W, T, D]
+        all_spans = np.concatenate(spans).astype(np.float64, copy=False)  # [W, 2]
+        batch = Batch()
+        batch.array(feats_key, all_feats)
+        batch.array(spans_key, all_spans)
+        await self._store.write_batch(batch, ttl_s=self._cache_ttl_s)
+        return all_feats, all_spans, False
 
     async def support(self, manifest: Manifest, batch: Batch | None,
                       fresh_clips: dict[str, np.ndarray] | None = None) -> np.ndarray:

@@ -11,11 +11,18 @@ import numpy as np
 
 from service.core.model import ModelFacts
 from service.core.uploads import Upload
-from service.decode_pool import DecodePool, ProcessDecodePool, ThreadDecodePool, decode_file, hard_timeout_for
+from service.decode_pool import (
+    DecodePool,
+    ProcessDecodePool,
+    ThreadDecodePool,
+    decode_file,
+    decode_windows_file,
+    hard_timeout_for,
+)
 from service.errors import from_decode_error
 from service.settings import Settings
 from service.telemetry import Metrics
-from training.video import DecodeLimits, VideoDecodeError, decode_clip, frame_to_square
+from training.video import DecodeLimits, VideoDecodeError, Windows, decode_clip, decode_windows, frame_to_square
 
 
 def decode_limits(settings: Settings) -> DecodeLimits:
@@ -51,6 +58,7 @@ class Decoder:
     `decode_concurrency` at a time, each under `decode_limits(settings)`."""
 
     def __init__(self, settings: Settings, model: ModelFacts, metrics: Metrics) -> None:
+        self._max_segments = settings.max_segments
         self.pool = create_decode_pool(settings, metrics)
         self._slots = asyncio.Semaphore(settings.decode_concurrency)
         self._limits = decode_limits(settings)
@@ -81,3 +89,20 @@ class Decoder:
         hashes = list(uploads)
         clips = await asyncio.gather(*(self.decode(uploads[h]) for h in hashes))
         return dict(zip(hashes, clips))
+
+    async def decode_windows(self, upload: Upload, segment_s: float, stride_s: float,
+                             only: tuple[int, int]) -> Windows:
+        """Windows `only=(first, stop)` of a long upload (`training.video.decode_windows`): frames
+        `[W, T, S, S, 3]` uint8 and spans `[W, 2]`, with the total window count of the video. Every
+        window's frames come from one decoding plan over that stretch of the file; more windows than
+        `max_segments` is a 413 (`too_many_segments`) before any frame is decoded."""
+        decode = decode_windows if upload.path is None else decode_windows_file
+        async with self._slots:
+            with self._metrics.stage("decode"):
+                try:
+                    return await self.pool.run(
+                        decode, upload.source, num_frames=self._model.num_frames, size=self._model.input_size,
+                        segment_s=segment_s, stride_s=stride_s, max_windows=self._max_segments,
+                        limits=self._limits, only=only)
+                except VideoDecodeError as err:
+                    raise from_decode_error(err, upload.filename) from err

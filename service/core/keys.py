@@ -133,6 +133,14 @@ def query_cache_key(tenant: str | None, fingerprint: str, sampling: Mapping[str,
     return f"{namespace(tenant)}cache:query:{fingerprint}:{sampling_key(sampling)}:{sha256}"
 
 
+def query_windows_cache_key(tenant: str | None, fingerprint: str, sampling: Mapping[str, int], sha256: str,
+                            segment_s: float, stride_s: float, part: str) -> str:
+    """`{ns}cache:query:{fp}:{s}:{h}:w{segment}-{stride}:{part}`: a long video's window features
+    (`part` "feats", float32 `[W, T, D]`) and spans (`part` "spans", float64 `[W, 2]`) for one windowing."""
+    return (f"{query_cache_key(tenant, fingerprint, sampling, sha256)}:w{float(segment_s):g}-{float(stride_s):g}"
+            f":{part}")
+
+
 def support_cache_key(tenant: str | None, fingerprint: str, sampling: Mapping[str, int], sha256: str,
                       label: str) -> str:
     return f"{namespace(tenant)}cache:support:{fingerprint}:{sampling_key(sampling)}:{sha256}:{label_key(label)}"
