@@ -1,0 +1,118 @@
+"""ONNX graphs of the encoders against the torch model they are exported from.
+
+For every adapter type (none, ted, ma, ted+ma) a tiny model with perturbed adapters (a training state,
+not the identity of initialisation) is exported and run by ONNX Runtime: video features (query and
+support branch, batches of 1 and 3) and text features must match torch within 1e-4 relative; once for
+ViT-B-32 with random weights (one small batch). int8 graphs: close (cosine), their own fingerprint,
+built once per fingerprint and then read from the cache.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from training.model import FsarModel, ModelConfig, build_model  # noqa: E402
+from training.model.runner import ModelRunner  # noqa: E402
+from training.onnx import OnnxModelRunner, ensure_graphs, serving_fingerprint  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+RTOL = 1e-4
+LABELS = ["opening a valve", "standing up", "pouring water"]
+
+
+def _model(adapter: str, backbone: str = "fsar-tiny", seed: int = 3) -> FsarModel:
+    """A model with random weights whose trainable tensors are perturbed (a mid-training state)."""
+    torch.manual_seed(seed)
+    model = build_model(ModelConfig(backbone=backbone, pretrained=None, adapter=adapter, num_frames=8)).eval()
+    with torch.no_grad():
+        for param in model.trainable_parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    return model
+
+
+def _frames(model: FsarModel, videos: int, seed: int) -> np.ndarray:
+    height, width = model.image_size
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, size=(videos, model.num_frames, height, width, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One graph cache for the module: tests on the same model reuse its graphs, as a restart would."""
+    return tmp_path_factory.mktemp("onnx-cache")
+
+
+def _relative(out: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(out - ref).max() / np.abs(ref).max())
+
+
+def _cosine_min(out: np.ndarray, ref: np.ndarray) -> float:
+    a, b = out.reshape(-1, out.shape[-1]), ref.reshape(-1, ref.shape[-1])
+    return float(((a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))).min())
+
+
+@pytest.mark.parametrize("adapter", ["none", "ted", "ma", "ted+ma"])
+def test_fp32_graphs_match_torch(adapter: str, cache: Path) -> None:
+    model = _model(adapter)
+    torch_runner = ModelRunner(model)
+    onnx_runner = OnnxModelRunner.build(model, "fp32", threads=1, cache_dir=cache)
+    assert onnx_runner.fingerprint == model.fingerprint()  # fp32 features are the model's own
+    texts = torch_runner.encode_texts(LABELS)
+    np.testing.assert_array_less(_relative(onnx_runner.encode_texts(LABELS), texts), RTOL)
+    for videos, seed in ((1, 1), (3, 2)):
+        frames = _frames(model, videos, seed)
+        query = torch_runner.encode_videos(frames)
+        assert _relative(onnx_runner.encode_videos(frames), query) < RTOL
+        support_texts = texts[np.arange(videos) % len(LABELS)]
+        support = torch_runner.encode_videos(frames, support_texts)
+        got = onnx_runner.encode_videos(frames, support_texts)
+        assert got.shape == (videos, model.num_frames, model.embed_dim) and got.dtype == np.float32
+        assert _relative(got, support) < RTOL
+        if "ma" in adapter:  # the label text reaches the features through the MA adapters
+            assert np.abs(support - query).max() > 1e-3
+
+
+def test_int8_graphs_are_close_have_their_own_fingerprint_and_are_cached(cache: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _model("ted+ma")
+    runner = OnnxModelRunner.build(model, "int8", threads=1, cache_dir=cache)
+    fingerprint = model.fingerprint()
+    assert runner.fingerprint == serving_fingerprint(fingerprint, "int8") != fingerprint
+    assert sorted(p.name for p in (cache / f"{fingerprint}-int8").glob("*.onnx")) == [
+        "text.onnx", "video_query.onnx", "video_support.onnx"]
+    frames = _frames(model, 2, 4)
+    reference = ModelRunner(model).encode_videos(frames)
+    assert _cosine_min(runner.encode_videos(frames), reference) > 0.99
+    # A second build (another process, a restart) reuses the files: nothing is exported again.
+    monkeypatch.setattr("training.onnx.cache.export_graph", lambda *a, **k: pytest.fail("re-exported"))
+    monkeypatch.setattr("training.onnx.cache.quantize_int8", lambda *a, **k: pytest.fail("re-quantised"))
+    again = ensure_graphs(model, "int8", cache)
+    assert again == runner.graphs
+
+
+def test_bad_inputs_are_value_errors(cache: Path) -> None:
+    model = _model("ma")
+    runner = OnnxModelRunner.build(model, "fp32", threads=1, cache_dir=cache)
+    with pytest.raises(ValueError, match="frames must be uint8"):
+        runner.encode_videos(_frames(model, 1, 0)[:, :4])
+    with pytest.raises(ValueError, match="frames must be uint8"):
+        runner.encode_videos(_frames(model, 1, 0).astype(np.float32))
+    with pytest.raises(ValueError, match="texts must be"):
+        runner.encode_videos(_frames(model, 2, 0), np.zeros((1, model.embed_dim), np.float32))
+    with pytest.raises(ValueError, match="precision"):
+        ensure_graphs(model, "fp16", cache)
+
+
+@pytest.mark.slow
+def test_vit_b32_fp32_graph_matches_torch(tmp_path: Path) -> None:
+    model = _model("ted", backbone="ViT-B-32")
+    graph = ensure_graphs(model, "fp32", tmp_path, graphs=["video_query"])
+    runner = OnnxModelRunner(model, graph, "fp32", threads=2)
+    frames = _frames(model, 1, 7)
+    assert _relative(runner.encode_videos(frames), ModelRunner(model).encode_videos(frames)) < RTOL
