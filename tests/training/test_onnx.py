@@ -116,3 +116,79 @@ def test_vit_b32_fp32_graph_matches_torch(tmp_path: Path) -> None:
     runner = OnnxModelRunner(model, graph, "fp32", threads=2)
     frames = _frames(model, 1, 7)
     assert _relative(runner.encode_videos(frames), ModelRunner(model).encode_videos(frames)) < RTOL
+
+
+# ---------------------------------------------------------------------- Triton layouts
+def _export(tmp_path: Path, layout: str, **kwargs):
+    from training.checkpoint import save_checkpoint
+    from training.export import export_repository
+
+    model = _model("ted+ma")
+    checkpoint = tmp_path / "tiny.pt"
+    save_checkpoint(checkpoint, model)
+    repository = tmp_path / f"repo-{layout}"
+    summary = export_repository(checkpoint, repository, layout=layout, max_batch_size=8, queue_delay_us=1000,
+                                **kwargs)
+    return model, repository, summary
+
+
+def test_onnx_layout_configs_run_without_python(tmp_path: Path) -> None:
+    from training.export import ExportError, export_repository
+
+    model, repository, summary = _export(tmp_path, "onnx", instance_kind="gpu", tensorrt_fp16=True)
+    assert summary["layout"] == "onnx"
+    for name in ("video_encoder", "video_encoder_support", "text_tokens_encoder"):
+        config = (repository / name / "config.pbtxt").read_text()
+        assert 'platform: "onnxruntime_onnx"' in config and 'backend: "python"' not in config
+        assert "dynamic_batching { max_queue_delay_microseconds: 1000 }" in config and "max_batch_size: 8" in config
+        assert 'name: "tensorrt"' in config and '"precision_mode" value: "FP16"' in config
+        assert '"fsar_layout" value: { string_value: "onnx" }' in config
+        assert (repository / name / "1" / "model.onnx").is_file()
+        assert not (repository / name / "1" / "model.py").exists()
+    assert 'name: "TEXT_FEATS" data_type: TYPE_FP32 dims: [ 64 ]' in (
+        repository / "video_encoder_support" / "config.pbtxt").read_text()
+    assert 'name: "TOKENS" data_type: TYPE_INT64 dims: [ 77 ]' in (
+        repository / "text_tokens_encoder" / "config.pbtxt").read_text()
+    for name in ("text_encoder", "fewshot_head"):
+        config = (repository / name / "config.pbtxt").read_text()
+        assert 'backend: "python"' in config and '"fsar_layout"' in config
+    with pytest.raises(ExportError, match="tensorrt_fp16"):
+        export_repository(tmp_path / "tiny.pt", tmp_path / "x", layout="onnx-python", tensorrt_fp16=True)
+    with pytest.raises(ExportError, match="layout"):
+        export_repository(tmp_path / "tiny.pt", tmp_path / "x", layout="tensorrt")
+
+
+async def test_onnx_python_layout_on_a_real_triton_server_matches_torch(tmp_path: Path) -> None:
+    import tritonclient.grpc.aio as grpcclient
+
+    from tests.triton_util import start_triton
+
+    model, repository, _ = _export(tmp_path, "onnx-python", instance_kind="cpu")
+    config = (repository / "video_encoder" / "config.pbtxt").read_text()
+    assert 'backend: "python"' in config and '"fsar_layout" value: { string_value: "onnx-python" }' in config
+    runner = ModelRunner(model)
+    frames = _frames(model, 3, 5)
+    texts = runner.encode_texts(LABELS)
+    tokens = model.tokenize(LABELS).numpy().astype(np.int64)
+    expected = {"video_encoder": runner.encode_videos(frames),
+                "video_encoder_support": runner.encode_videos(frames, texts), "text_tokens_encoder": texts}
+
+    def tensor(name: str, array: np.ndarray, datatype: str):
+        item = grpcclient.InferInput(name, list(array.shape), datatype)
+        item.set_data_from_numpy(array)
+        return item
+
+    with start_triton(repository, models=list(expected)) as server:
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        try:
+            calls = {
+                "video_encoder": ([tensor("FRAMES", frames, "UINT8")], "FRAME_FEATS"),
+                "video_encoder_support": ([tensor("FRAMES", frames, "UINT8"), tensor("TEXT_FEATS", texts, "FP32")],
+                                          "FRAME_FEATS"),
+                "text_tokens_encoder": ([tensor("TOKENS", tokens, "INT64")], "TEXT_FEATS"),
+            }
+            for name, (inputs, output) in calls.items():
+                result = await client.infer(name, inputs, outputs=[grpcclient.InferRequestedOutput(output)])
+                assert _relative(result.as_numpy(output), expected[name]) < RTOL, name
+        finally:
+            await client.close()
