@@ -51,7 +51,7 @@ def test_settings_reject_int8_on_torch(tmp_path: Path) -> None:
 
 async def test_onnxruntime_matches_torch_and_int8_has_its_own_fingerprint(tmp_path: Path) -> None:
     backends = {name: EmbeddedBackend(_settings(tmp_path, **kw)) for name, kw in {
-        "torch": {"runtime": "torch"}, "fp32": {"runtime": "auto"}, "int8": {"precision": "int8"}}.items()}
+        "torch": {"runtime": "torch"}, "fp32": {"runtime": "auto"}, "int8": {"runtime": "onnxruntime", "precision": "int8"}}.items()}
     try:
         for backend in backends.values():
             await backend.start()
