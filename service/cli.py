@@ -177,12 +177,19 @@ def export_cmd(
     instance_kind: str = typer.Option("gpu", help="gpu | cpu: Triton instance_group kind."),
     max_batch_size: int = typer.Option(64, help="max_batch_size of the encoders."),
     queue_delay_us: int = typer.Option(2000, help="Dynamic-batching queue delay of the encoders (microseconds)."),
+    layout: str = typer.Option("python", help="python: every model in Triton's Python backend; onnx: the video "
+                                              "encoders as ONNX Runtime models (no Python, for a full Triton image; "
+                                              "GPU hosts); onnx-python: the same ONNX graphs inside Python-backend "
+                                              "shells (a Triton with only the Python backend)."),
+    tensorrt_fp16: bool = typer.Option(False, help="With --layout onnx: ask ONNX Runtime for the TensorRT FP16 "
+                                                   "accelerator (GPU hosts)."),
 ) -> None:
-    """Export a checkpoint as Triton Python-backend models: text_encoder, video_encoder, fewshot_head."""
+    """Export a checkpoint as Triton models: text_encoder, video_encoder, fewshot_head (+ ONNX encoders)."""
     from training.export import export_repository
 
     summary = export_repository(checkpoint, repository, version=version, instance_kind=instance_kind,
-                                max_batch_size=max_batch_size, queue_delay_us=queue_delay_us)
+                                max_batch_size=max_batch_size, queue_delay_us=queue_delay_us, layout=layout,
+                                tensorrt_fp16=tensorrt_fp16)
     typer.echo(json.dumps(summary, indent=2, default=str))
 
 
@@ -263,12 +270,22 @@ def bench_cache_cmd(
 def bench_encoder_cmd(
     quick: bool = typer.Option(False, help="A short run (on CPU: a tiny smoke run only)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the figures to this JSON file."),
-    device: Optional[str] = typer.Option(None, help="cuda | cpu (default: cuda; cpu only with --quick)."),
+    device: Optional[str] = typer.Option(None, help="cuda | cpu (default: cuda)."),
+    backbones: Optional[List[str]] = typer.Option(None, help="open_clip models (repeat the option)."),
+    batches: Optional[List[int]] = typer.Option(None, help="Videos per batch (repeat the option)."),
+    threads: Optional[int] = typer.Option(None, help="CPU intra-op threads (torch and ONNX Runtime)."),
+    seconds: Optional[float] = typer.Option(None, help="Seconds measured per point."),
+    onnx: Optional[bool] = typer.Option(None, "--onnx/--no-onnx", help="CPU: ONNX Runtime fp32 and int8 rows "
+                                                                       "beside torch eager (default on)."),
+    onnx_cache_dir: Optional[Path] = typer.Option(None, help="Where the ONNX graphs are cached."),
 ) -> None:
-    """GPU video-encoder throughput: eager fp16 baseline vs our path, and through Triton."""
+    """Video-encoder throughput. GPU: eager fp16 baseline vs our path, and through Triton. CPU: torch eager
+    fp32 (baseline) vs ONNX Runtime fp32 and int8."""
     from service.bench.encoder import run
 
-    run(quick=quick, json_path=str(json_path) if json_path else None, device=device)
+    run(quick=quick, json_path=str(json_path) if json_path else None, device=device, backbones=backbones or None,
+        batches=batches or None, threads=threads, seconds_per_point=seconds, onnx=onnx,
+        onnx_cache_dir=str(onnx_cache_dir) if onnx_cache_dir else None)
 
 
 def _is_user_error(err: BaseException) -> bool:

@@ -170,8 +170,26 @@ class Settings(BaseSettings):
         description="Deliveries tried per job callback (backoff 1, 2, 4 ... s, at most 60 s) until one gets a 2xx.")
     webhook_timeout_s: float = Field(10.0, gt=0, le=120, description="Time budget of one callback delivery, in seconds.")
 
+
+    # ------------------------------------------------------------------ encoder runtime (embedded backend)
+    runtime: Literal["auto", "torch", "onnxruntime"] = Field(
+        "auto",
+        description="Where the embedded backend runs the video and text encoders: 'onnxruntime' (ONNX graphs of "
+                    "the same model, built once per model fingerprint and cached in onnx_cache_dir; about 2x "
+                    "faster than torch on CPU), 'torch', or 'auto' (onnxruntime on CPU when installed, else torch; "
+                    "the start-up log says which). The few-shot head always runs in torch.")
+    precision: Literal["fp32", "int8"] = Field(
+        "fp32",
+        description="Encoder precision with runtime onnxruntime: 'fp32' (features match torch within 1e-4; same "
+                    "fingerprint) or 'int8' (dynamic quantisation of the weights: faster on CPU, features differ "
+                    "slightly, so the model gets its own fingerprint and caches; see docs/performance.md).")
+    onnx_cache_dir: str | None = Field(
+        None, description="Folder of the cached ONNX encoder graphs (<fingerprint>-<precision>/); unset = "
+                          "$FSAR_ONNX_CACHE or ~/.cache/fsar/onnx.")
+
+
     @field_validator("pretrained", "checkpoint", "redis_url", "metric", "api_keys", "api_keys_file", "upload_dir",
-                     "job_dir", "webhook_secrets", mode="before")
+                     "job_dir", "webhook_secrets", "onnx_cache_dir", mode="before")
     @classmethod
     def _none_words(cls, value: Any) -> Any:
         """Let environment variables and flags spell None ('none', 'null', '')."""
@@ -213,6 +231,11 @@ class Settings(BaseSettings):
 
         return normalise(value) if isinstance(value, (str, list, tuple)) else value
 
+    @field_validator("runtime", "precision", mode="before")
+    @classmethod
+    def _lower_choice(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _lower_level(cls, value: Any) -> Any:
@@ -225,6 +248,8 @@ class Settings(BaseSettings):
                              "each worker would otherwise hold its own support sets")
         if self.api_keys is not None and self.api_keys_file is not None:
             raise ValueError("set either api_keys (FSAR_API_KEYS) or api_keys_file (FSAR_API_KEYS_FILE), not both")
+        if self.precision == "int8" and self.runtime == "torch":
+            raise ValueError("precision int8 needs runtime onnxruntime (or auto): set FSAR_RUNTIME=onnxruntime")
         return self
 
     # ------------------------------------------------------------------ helpers

@@ -20,6 +20,11 @@ import redis
 from service.harness import RedisServer, RedisServerError, delete_redis_prefix
 
 TEST_DB = 13
+
+# Gateways built in tests run their encoders in torch unless a test asks for ONNX Runtime (the default
+# `auto` would export ONNX graphs of every test model on its first start); tests/service/
+# test_embedded_onnx.py and tests/training/test_onnx.py cover that runtime.
+os.environ.setdefault("FSAR_RUNTIME", "torch")
 _DEFAULT_HOST, _DEFAULT_PORT = "127.0.0.1", 6379
 
 

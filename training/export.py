@@ -72,7 +72,8 @@ class ExportError(ValueError):
 # ====================================================================== export
 def export_repository(checkpoint: PathLike, repository: PathLike, version: int = 1, *,
                       instance_kind: str = "gpu", max_batch_size: int = 64,
-                      queue_delay_us: int = 2000) -> Dict[str, Any]:
+                      queue_delay_us: int = 2000, layout: str = "python",
+                      tensorrt_fp16: bool = False) -> Dict[str, Any]:
     """Write the three Triton models for ``checkpoint`` into ``repository`` (version ``version``).
 
     Re-exporting into an existing version folder replaces its files; other versions and other
@@ -86,6 +87,12 @@ def export_repository(checkpoint: PathLike, repository: PathLike, version: int =
         instance_kind: ``"gpu"`` (``KIND_GPU``, one instance per visible GPU) or ``"cpu"``.
         max_batch_size: largest dynamic batch of the encoders (videos or labels).
         queue_delay_us: how long the encoders' dynamic batcher waits to fill a batch.
+        layout: ``"python"`` (the three Python-backend models above), ``"onnx"`` (adds the encoder
+            graphs as ONNX Runtime models, see :mod:`training.onnx.triton_layout`) or ``"onnx-python"`` (the
+            same graphs and tensors in Python-backend shells running ONNX Runtime, for a server with
+            only the Python backend).
+        tensorrt_fp16: ``layout="onnx"`` on GPU instances: add ONNX Runtime's TensorRT accelerator (FP16,
+            engine cache) to the encoder graphs' configs.
 
     Returns:
         ``{"repository", "version", "checkpoint", "checkpoint_hash", "models": {name: folder},
@@ -96,10 +103,22 @@ def export_repository(checkpoint: PathLike, repository: PathLike, version: int =
         ExportError: invalid arguments. CheckpointError: not a readable fsar checkpoint.
     """
     _check_export_args(version, instance_kind, max_batch_size, queue_delay_us)
+    from training.onnx.triton_layout import LAYOUTS, write_onnx_models
+
+    if layout not in LAYOUTS:
+        raise ExportError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if tensorrt_fp16 and (layout != "onnx" or instance_kind != "gpu"):
+        raise ExportError("tensorrt_fp16 needs layout 'onnx' and GPU instances (instance_kind 'gpu')")
     source = Path(checkpoint)
     meta = read_checkpoint_meta(source)
-    return _write_repository(Path(repository), meta, source, version, instance_kind, max_batch_size,
-                             queue_delay_us)
+    summary = _write_repository(Path(repository), meta, source, version, instance_kind, max_batch_size,
+                                queue_delay_us)
+    summary["layout"] = layout
+    if layout != "python":
+        summary["models"].update(write_onnx_models(
+            source, Path(repository), version, layout=layout, instance_kind=INSTANCE_KINDS[instance_kind],
+            max_batch_size=max_batch_size, queue_delay_us=queue_delay_us, tensorrt_fp16=tensorrt_fp16))
+    return summary
 
 
 def write_placeholder_repository(repository: PathLike, config: Optional[ModelConfig] = None, version: int = 1,

@@ -1,8 +1,10 @@
-"""Embedded backend: the fsar model in this process (torch, CPU or GPU).
+"""Embedded backend: the fsar model in this process (torch, CPU or GPU; encoders on ONNX Runtime on CPU).
 
 Model calls go to `training.model.ModelRunner` (the numpy-facing runner the Triton models call too,
-under `torch.inference_mode()`) in a bounded thread pool (`encode_concurrency` threads), so the event
-loop never blocks on the model. This is the only gateway module that imports torch.
+under `torch.inference_mode()`), or with `runtime` onnxruntime to `training.onnx.OnnxModelRunner` (the
+same calls; the video and text encoders run ONNX graphs of the same model, fp32 or int8 by `precision`),
+in a bounded thread pool (`encode_concurrency` threads), so the event loop never blocks on the model.
+This is the only gateway module that imports torch.
 """
 from __future__ import annotations
 
@@ -53,6 +55,26 @@ def cpu_threads_per_model_call(settings: Settings, cpu_count: int | None = None)
     return max(1, (cores - settings.decode_concurrency) // calls)
 
 
+def choose_runtime(requested: str, device_type: str) -> tuple[str, str]:
+    """`(runtime, why)` for the `runtime` setting: `torch` or `onnxruntime`. `auto` picks ONNX Runtime on
+    CPU when it (and the exporter: onnx, onnxscript) is installed: about 2x torch eager fp32 for ViT-B
+    encoders on 2 cores (docs/performance.md); on a GPU, torch."""
+    from training.onnx import onnx_available
+
+    if requested == "torch":
+        return "torch", "runtime=torch"
+    if requested == "onnxruntime":
+        if not onnx_available():
+            raise RuntimeError("runtime=onnxruntime needs onnxruntime, onnx and onnxscript: "
+                               "pip install 'fsar[onnx]' (or set FSAR_RUNTIME=torch)")
+        return "onnxruntime", "runtime=onnxruntime"
+    if device_type != "cpu":
+        return "torch", f"runtime=auto on {device_type}: torch"
+    if not onnx_available():
+        return "torch", "runtime=auto: onnxruntime is not installed (pip install 'fsar[onnx]'), using torch"
+    return "onnxruntime", "runtime=auto: onnxruntime is installed"
+
+
 class EmbeddedBackend(Backend):
     """Runs `training.model` in-process. Model: `settings.checkpoint` if given, else built from
     `backbone` / `pretrained` (+ `adapter`, `metric`, `num_frames` when set)."""
@@ -76,6 +98,7 @@ class EmbeddedBackend(Backend):
             torch.set_num_threads(cpu_threads_per_model_call(self.settings))
         loop = asyncio.get_running_loop()
         self.runner, self.meta = await loop.run_in_executor(self._pool, self._load)
+        self.runner = await loop.run_in_executor(self._pool, self._encoder_runtime, self.runner)
         self._info = self._describe()
         log.info("embedded backend: %s on %s (%d model calls at once%s), %s trainable parameters, "
                  "fingerprint %s", self._info["backbone"], self.device, self.encode_concurrency,
@@ -110,6 +133,37 @@ class EmbeddedBackend(Backend):
                 model, meta = build_model(config), {}
         return ModelRunner(model.to(self.device).eval()), dict(meta)
 
+    def _encoder_runtime(self, runner: ModelRunner) -> ModelRunner:
+        """The runner on the chosen encoder runtime: ``runner`` itself (torch) or an
+        :class:`training.onnx.OnnxModelRunner` on the same model (graphs built once per fingerprint and
+        precision, then loaded from `onnx_cache_dir`). With runtime=auto a failure to build the graphs
+        falls back to torch (logged); with runtime=onnxruntime it stops the start."""
+        settings = self.settings
+        runtime, why = choose_runtime(settings.runtime, self.device.type)
+        if runtime == "torch":
+            if settings.precision != "fp32":
+                raise RuntimeError(f"precision={settings.precision} needs the onnxruntime runtime ({why})")
+            log.info("encoder runtime: torch (%s)", why)
+            return runner
+        from training.onnx import OnnxModelRunner
+
+        try:
+            model = runner.model
+            if model.dtype != torch.float32 or self.device.type != "cpu":
+                raise RuntimeError(f"the ONNX encoders are exported from an fp32 model on the CPU; this one is "
+                                   f"{model.dtype} on {self.device}")
+            onnx_runner = OnnxModelRunner.build(model, settings.precision, cpu_threads_per_model_call(settings),
+                                                cache_dir=settings.onnx_cache_dir)
+        except Exception as err:
+            if settings.runtime == "onnxruntime" or settings.precision != "fp32":
+                raise
+            log.warning("encoder runtime: torch (could not build the ONNX encoders: %s: %s)",
+                        type(err).__name__, str(err).splitlines()[0][:300] if str(err) else "")
+            return runner
+        log.info("encoder runtime: onnxruntime %s (%s; graphs in %s)", settings.precision, why,
+                 onnx_runner.graphs["video_query"].parent)
+        return onnx_runner
+
     async def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self.runner = None
@@ -123,9 +177,17 @@ class EmbeddedBackend(Backend):
     # ------------------------------------------------------------------ facts
     def _describe(self) -> dict[str, Any]:
         card = self.runner.model.card(checkpoint_hash=self.meta.get("checkpoint_hash"))
+        runtime, precision = "torch", "fp32"
+        facts = card.to_dict()
+        if getattr(self.runner, "precision", None) is not None:  # an OnnxModelRunner
+            runtime, precision = "onnxruntime", self.runner.precision
+            facts["fingerprint"] = self.runner.fingerprint  # int8 features differ: their own caches
         return {
             "backend": self.name,
-            **card.to_dict(),
+            **facts,
+            "model_fingerprint": card.fingerprint,
+            "runtime": runtime,
+            "precision": precision,
             "metrics": [card.metric],  # the metric module is part of the (trained) model
             "checkpoint": self.settings.checkpoint,
             "device": str(self.device),

@@ -43,6 +43,10 @@ from training.model.card import ModelCard
 
 log = logging.getLogger(__name__)
 
+#: The support-video model of the ONNX layouts, and those layouts (`fsar_layout` of the video encoder).
+SUPPORT_VIDEO_MODEL = "video_encoder_support"
+ONNX_LAYOUTS = ("onnx", "onnx-python")
+
 __all__ = ["TritonBackend", "MODEL_NAMES", "TEXT_MODEL", "VIDEO_MODEL", "HEAD_MODEL"]
 
 
@@ -167,12 +171,17 @@ class TritonBackend(Backend):
                              f"got {frames.dtype} {frames.shape}")
         if text_feats is not None and text_feats.shape != (len(frames), info["embed_dim"]):
             raise ValueError(f"text_feats must be [{len(frames)}, {info['embed_dim']}], got {text_feats.shape}")
+        # `fsar export --layout onnx | onnx-python` serves support videos (label texts in) from a model of
+        # their own, as an ONNX graph has no optional inputs; the Python layout takes both in one model.
+        facts = self._pool.reference if self._pool is not None else None
+        layout = facts.params.get("fsar_layout", "python") if facts is not None else "python"
+        model = SUPPORT_VIDEO_MODEL if text_feats is not None and layout in ONNX_LAYOUTS else VIDEO_MODEL
         calls = []
         for rows in self._chunks(VIDEO_MODEL, len(frames)):
             inputs = [_input("FRAMES", np.ascontiguousarray(frames[rows]), "UINT8")]
             if text_feats is not None:
                 inputs.append(_float_input("TEXT_FEATS", text_feats[rows]))
-            calls.append(self._infer(VIDEO_MODEL, inputs, ["FRAME_FEATS"]))
+            calls.append(self._infer(model, inputs, ["FRAME_FEATS"]))
         outputs = await asyncio.gather(*calls)
         return np.concatenate([output[0] for output in outputs]).astype(np.float32, copy=False)
 

@@ -189,7 +189,7 @@ async def _measure(gateway: LiveGateway, pipeline: NaivePipeline, clips, concurr
     limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
     async with httpx.AsyncClient(base_url=gateway.url, timeout=900, limits=limits) as client:
         model = (await client.get("/model")).json()
-        if pipeline.fingerprint != model["fingerprint"]:
+        if pipeline.fingerprint != model.get("model_fingerprint", model["fingerprint"]):  # int8 serves its own
             raise RuntimeError("the naive pipeline's model differs from the gateway's (fingerprints differ)")
         before_registration = await scrape(client)
         set_id, registration_s = await common.register_support_set(client, clips.support)

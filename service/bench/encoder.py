@@ -24,6 +24,11 @@ for at least ``seconds_per_point``). ``speedup_vs_baseline`` = videos/s over eag
 batch size (Triton: over eager fp16 at batch 32). ``max_abs_diff`` / ``cosine_min`` compare each
 optimised row's features with the baseline's on the same frames (the first batch).
 
+On CPU with ONNX Runtime installed the rows are instead ``eager fp32`` (the baseline), ``onnxruntime
+fp32`` and ``onnxruntime int8`` (:class:`training.onnx.OnnxModelRunner`, the embedded backend's
+``runtime=onnxruntime``), timed back to back at each batch size:
+``fsar bench encoder --device cpu --backbones ViT-B-32 ViT-B-16 --batches 1 8 --threads 2``.
+
 Without CUDA the benchmark refuses (:class:`EncoderBenchUnavailable`) unless ``device="cpu"``: a
 smoke run of the same code (fp32 baseline, bf16 "optimised" path without streams or pinned memory,
 no compile, no Triton unless asked), by default on ``fsar-tiny`` with ``quick``.
@@ -171,6 +176,23 @@ class OverlappedEncoder:
         return outputs
 
 
+class OnnxEncoder:
+    """The encoder on ONNX Runtime (:class:`training.onnx.OnnxModelRunner`: graphs exported from the same
+    model, fp32 or int8, cached per fingerprint), called the way the embedded backend calls it."""
+
+    overlap = False
+
+    def __init__(self, model: Any, precision: str, threads: int, cache_dir: str | None = None) -> None:
+        from training.onnx import OnnxModelRunner, ensure_graphs
+
+        graphs = ensure_graphs(model, precision, cache_dir, graphs=["video_query"])
+        self.runner = OnnxModelRunner(model, graphs, precision, threads)
+
+    def run(self, batches: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Features ``[B, T, D]`` float32 of each uint8 ``[B, T, H, W, 3]`` batch, in order."""
+        return [self.runner.encode_videos(frames) for frames in batches]
+
+
 # --------------------------------------------------------------------------------------- timing
 def _frames(batch: int, size: int, seed: int) -> np.ndarray:
     """Random uint8 frames ``[batch, T, size, size, 3]``."""
@@ -255,7 +277,8 @@ def run(quick: bool = False, json_path: str | None = None, *, device: str | None
         backbones: Sequence[str] | None = None, batches: Sequence[int] | None = None,
         compile_batches: Sequence[int] | None = None, compile: bool | None = None,
         triton: bool | None = None, triton_clients: int = TRITON_CLIENTS,
-        seconds_per_point: float | None = None, workdir: str | None = None) -> dict[str, Any]:
+        seconds_per_point: float | None = None, workdir: str | None = None, onnx: bool | None = None,
+        threads: int | None = None, onnx_cache_dir: str | None = None) -> dict[str, Any]:
     """Run the benchmark, print its table, write the JSON report when ``json_path`` is given.
 
     Args:
@@ -269,6 +292,9 @@ def run(quick: bool = False, json_path: str | None = None, *, device: str | None
         triton_clients: concurrent clients of the Triton row.
         seconds_per_point: minimum timed stretch per point (default 3 s; quick 1 s; CPU 0.2 s).
         workdir: where the Triton checkpoint and repository go (default: a temporary folder).
+        onnx: CPU only: the rows ``onnxruntime fp32`` and ``onnxruntime int8`` instead of ``bf16`` (default:
+            when onnxruntime is installed). Graphs come from the cache (``onnx_cache_dir``), built on first use.
+        threads: CPU intra-op threads of torch and ONNX Runtime (default: torch's current setting).
 
     Returns:
         The report (see the module docstring).
@@ -291,19 +317,35 @@ def run(quick: bool = False, json_path: str | None = None, *, device: str | None
     triton = on_gpu if triton is None else triton
     seconds = seconds_per_point or (0.2 if not on_gpu else 1.0 if quick else 3.0)
     baseline_precision, fast_precision = ("fp16", "bf16") if on_gpu else ("fp32", "bf16")
+    if onnx is None:
+        from training.onnx import onnx_available
+
+        onnx = not on_gpu and onnx_available()
+    onnx = bool(onnx) and not on_gpu
+    if threads is not None and not on_gpu:
+        torch.set_num_threads(int(threads))
+    threads = torch.get_num_threads()
     rows: list[dict[str, Any]] = []
     errors: list[str] = []
     machine = machine_info()
     for backbone in backbones:
         baseline_model = build_encoder_model(backbone, baseline_precision, device)
-        fast_model = build_encoder_model(backbone, fast_precision, device)
+        fast_model = None if onnx else build_encoder_model(backbone, fast_precision, device)
         size = int(baseline_model.image_size[0])
+        onnx_encoders = {precision: OnnxEncoder(baseline_model, precision, threads, onnx_cache_dir)
+                         for precision in ("fp32", "int8")} if onnx else {}
         for batch in batches:
             shape = (batch, NUM_FRAMES, size, size, 3)
             base = time_encoder(EagerEncoder(baseline_model), batch, size, seconds)
             rows.append(_row(backbone, BASELINE if on_gpu else "eager fp32", batch, base, baseline_precision,
                              compiled=False, overlap=False))
             reference = base.pop("features")
+            if onnx:  # eager, ORT fp32, ORT int8 back to back at each batch size: drifts in load hit all
+                for precision, encoder in onnx_encoders.items():
+                    timed = time_encoder(encoder, batch, size, seconds)
+                    rows.append(_row(backbone, f"onnxruntime {precision}", batch, timed, precision, compiled=False,
+                                     overlap=False, baseline=base, reference=reference))
+                continue
             fast = time_encoder(OverlappedEncoder(fast_model, shape), batch, size, seconds)
             rows.append(_row(backbone, "bf16 + overlap", batch, fast, fast_precision, compiled=False, overlap=on_gpu,
                              baseline=base, reference=reference))
@@ -339,6 +381,7 @@ def run(quick: bool = False, json_path: str | None = None, *, device: str | None
                 errors.append(message[:2000])
                 rows.append({"backbone": backbone, "path": "triton", "batch": None, "error": message[:200]})
     report = {"machine": machine, "quick": quick, "device": device, "num_frames": NUM_FRAMES,
+              "threads": threads if not on_gpu else None,
               "results": rows, "errors": errors}
     print(format_report(report))
     write_report(json_path, report)
@@ -363,6 +406,8 @@ COLUMNS = [("backbone", "backbone", ""), ("path", "path", ""), ("batch", "batch"
 
 def format_report(report: dict[str, Any]) -> str:
     header = f"device: {report['device']} ({report['machine'].get('cuda_device') or report['machine']['cpu_model']})"
+    if report.get("threads"):
+        header += f", {report['threads']} threads"
     return "\n".join([header, format_table(report["results"], COLUMNS)])
 
 
@@ -380,6 +425,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--triton-clients", type=int, default=TRITON_CLIENTS)
     parser.add_argument("--seconds", dest="seconds_per_point", type=float)
     parser.add_argument("--workdir")
+    parser.add_argument("--onnx", dest="onnx", action="store_true", default=None,
+                        help="CPU: ONNX Runtime fp32 and int8 rows (default when installed)")
+    parser.add_argument("--no-onnx", dest="onnx", action="store_false")
+    parser.add_argument("--threads", type=int, help="CPU intra-op threads (torch and ONNX Runtime)")
+    parser.add_argument("--onnx-cache-dir")
     args = parser.parse_args(argv)
     try:
         run(**vars(args))
