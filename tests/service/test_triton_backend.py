@@ -204,6 +204,10 @@ async def run_requests(client: httpx.AsyncClient, videos: dict) -> tuple[str, di
         results[f"few-shot {c}"] = scores(await classify(client, query, support_set_id=set_id))
         results[f"zero-shot {c}"] = scores(await classify(client, query, labels=LABELS + ["juggle"]))
         results[f"hybrid {c}"] = scores(await classify(client, query, support_set_id=set_id, labels=["juggle"]))
+        windowed = await classify(client, query, support_set_id=set_id, labels=["juggle"], segment_seconds="0.5")
+        assert windowed.status_code == 200, windowed.text
+        for i, segment in enumerate(windowed.json()["segments"]):  # long-video windows (hybrid)
+            results[f"window {i} of {c}"] = {p["label"]: p["score"] for p in segment["predictions"]}
         for weight in ("0", "0.3", "1"):  # the request's text share, few-shot and hybrid
             results[f"few-shot {c} text_weight={weight}"] = scores(
                 await classify(client, query, support_set_id=set_id, text_weight=weight))

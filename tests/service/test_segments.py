@@ -1,0 +1,108 @@
+"""Actions located in long videos: `segment_seconds` on POST /classify.
+
+A 60 s video is assembled from clips of three registered classes at known times with unregistered
+grey filler between them; every class's event must be found (temporal IoU >= 0.5 with where it
+really is) and the filler windows reported unknown. The tiny random model tells the classes apart by
+colour, which is what the clips differ in.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.media import CLASS_COLOURS, class_video, frame_pattern
+from tests.service.test_api import assert_error, classify, register, running, tiny_settings
+from training.video.writer import video_bytes
+
+pytestmark = pytest.mark.timeout(300)
+
+FPS = 8
+LABELS = ["open valve", "stand up", "wave hand"]
+#: (class index or None for filler, seconds), in order: 60 s in all.
+TIMELINE = [(None, 10), (0, 10), (None, 10), (1, 10), (None, 10), (2, 10)]
+
+
+def long_video(timeline=TIMELINE) -> bytes:
+    """A real H.264 mp4 (64x48, 8 fps) of the timeline: class stretches in the class's colour, filler grey;
+    every frame carries a distinct index pattern (other frames than the registered clips')."""
+    frames = []
+    for part, (kind, seconds) in enumerate(timeline):
+        colour = np.array(CLASS_COLOURS[kind] if kind is not None else (0.5, 0.5, 0.5), np.float32)[None, None]
+        for i in range(seconds * FPS):
+            pattern = frame_pattern(500 * (part + 1) + i, 64, 48).astype(np.float32) / 255.0
+            frames.append(((0.35 * pattern + 0.65 * colour) * 255).astype(np.uint8))
+    return video_bytes(frames, fps=FPS)
+
+
+def truth(timeline=TIMELINE) -> dict[str, tuple[float, float]]:
+    spans, start = {}, 0.0
+    for kind, seconds in timeline:
+        if kind is not None:
+            spans[LABELS[kind]] = (start, start + seconds)
+        start += seconds
+    return spans
+
+
+def iou(a: tuple[float, float], b: tuple[float, float]) -> float:
+    inter = max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
+    return inter / (max(a[1], b[1]) - min(a[0], b[0]))
+
+
+@pytest.fixture(scope="module")
+def video() -> bytes:
+    return long_video()
+
+
+async def test_events_are_found_where_they_happen_and_filler_is_unknown(video: bytes) -> None:
+    async with running(tiny_settings()) as (client, _service):
+        items = [(class_video(c, s), LABELS[c]) for c in range(3) for s in range(2)]
+        set_id = (await register(client, items))["id"]
+        response = await classify(client, video, support_set_id=set_id, segment_seconds="2")
+        assert response.status_code == 200, response.text
+        body = response.json()
+        segments, events = body["segments"], body["events"]
+        assert len(segments) == 30 and segments[0]["start_s"] == 0.0 and segments[-1]["end_s"] == 60.0
+        for segment in segments:
+            assert sum(p["score"] for p in segment["predictions"]) == pytest.approx(1.0, abs=1e-5)
+            assert 0.0 <= segment["open_set_score"] <= 1.0
+        expected = truth()
+        for label, span in expected.items():
+            found = [e for e in events if e["label"] == label]
+            assert found, f"no event for {label}: {events}"
+            best = max(iou((e["start_s"], e["end_s"]), span) for e in found)
+            assert best >= 0.5, (label, span, found)
+        filler = [s for s in segments if not any(a <= s["start_s"] and s["end_s"] <= b for a, b in expected.values())]
+        unknown = [s for s in filler if s["unknown"]]
+        assert len(unknown) == len(filler), [(s["start_s"], s["open_set_score"]) for s in filler]
+        inside = [s for s in segments if s not in filler]
+        assert not any(s["unknown"] for s in inside), [(s["start_s"], s["open_set_score"]) for s in inside]
+        assert sum(p["score"] for p in body["predictions"]) == pytest.approx(1.0, abs=1e-5)
+
+        again = await classify(client, video, support_set_id=set_id, segment_seconds="2")
+        assert again.json()["query_cache_hit"] is True and again.json()["segments"] == segments
+        overlapping = (await classify(client, video, support_set_id=set_id, segment_seconds="4",
+                                      stride_seconds="2", top_k="1")).json()
+        assert overlapping["query_cache_hit"] is False and len(overlapping["segments"]) == 29
+        assert all(len(s["predictions"]) == 1 for s in overlapping["segments"])
+
+        zero_shot = (await classify(client, video, labels=LABELS, segment_seconds="5")).json()
+        assert zero_shot["mode"] == "zero-shot" and len(zero_shot["segments"]) == 12
+        assert "unknown" not in zero_shot["segments"][0]
+        hybrid = (await classify(client, video, support_set_id=set_id, labels=["juggle"], segment_seconds="5")).json()
+        assert hybrid["mode"] == "hybrid" and {"unknown", "open_set_score"} <= set(hybrid["segments"][0])
+
+        whole = (await classify(client, video, support_set_id=set_id)).json()
+        assert "segments" not in whole and "events" not in whole
+
+
+async def test_window_bounds_and_limits(video: bytes) -> None:
+    async with running(tiny_settings(max_segments=10)) as (client, _service):
+        set_id = (await register(client, [(class_video(0, 0), "a")]))["id"]
+        assert_error(await classify(client, video, support_set_id=set_id, segment_seconds="2"), 413,
+                     "too_many_segments")
+        for fields in ({"segment_seconds": "0"}, {"segment_seconds": "-1"}, {"segment_seconds": "nan"},
+                       {"segment_seconds": "inf"}, {"segment_seconds": "1e9"}, {"stride_seconds": "2"},
+                       {"segment_seconds": "10", "stride_seconds": "0.01"}):
+            assert_error(await classify(client, video, support_set_id=set_id, **fields), 422)
+        ok = await classify(client, video, support_set_id=set_id, segment_seconds="6")
+        assert ok.status_code == 200 and len(ok.json()["segments"]) == 10
