@@ -408,8 +408,11 @@ class LocalTritonServer:
                 # A picked port taken between probing and binding; or the Python backend's intermittent
                 # abort while its stubs start (boost::interprocess::lock_exception, seen once in ~20 local
                 # starts; triton-inference-server/server#8882): both pass on a fresh start.
+                # Also a crash by a signal before it was ready with nothing logged (SIGSEGV seen once when
+                # a killed server was restarted on its ports under heavy load): a fresh start passes.
                 retry_ports = "already in use" in str(err) and not all(self._fixed_ports)
-                if attempt + 1 < attempts and (retry_ports or "lock_exception" in str(err)):
+                crashed = "exited with code -" in str(err)
+                if attempt + 1 < attempts and (retry_ports or crashed or "lock_exception" in str(err)):
                     continue
                 raise
         raise AssertionError("unreachable")
