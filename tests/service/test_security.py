@@ -256,8 +256,10 @@ async def test_rate_limit_gives_429_with_retry_after_per_tenant() -> None:
             assert (await client.get("/support-sets", headers=as_tenant(ALICE_KEY))).status_code == 200
         limited = await client.get("/support-sets", headers=as_tenant(ALICE_KEY_2))  # same tenant, other key
         error = assert_error(limited, 429, "rate_limited")
-        assert limited.headers["retry-after"] == "10"  # 6/min: one token every 10 s
-        assert "alice" in error["message"] and "retry in 10 s" in error["message"]
+        # 6/min: one token every 10 s, less what has refilled since the burst (seconds on a busy machine)
+        retry_after = int(limited.headers["retry-after"])
+        assert 7 <= retry_after <= 10
+        assert "alice" in error["message"] and f"retry in {retry_after} s" in error["message"]
         assert (await client.get("/support-sets", headers=as_tenant(BOB_KEY))).status_code == 200
         for _ in range(5):  # probes are never limited
             assert (await client.get("/healthz")).status_code == 200
