@@ -117,6 +117,8 @@ def eval_cmd(
     kwargs = {"seed": seed} if seed is not None else {}
     if record and not open_set:
         raise CliError("--record needs --open-set")
+    if open_set and (baselines or metric is not None):
+        raise CliError("--open-set evaluates the checkpoint's own metric; leave out --baselines and --metric")
     if open_set:
         from training.evaluate import open_set_table
 
