@@ -105,9 +105,27 @@ def eval_cmd(
     device: Optional[str] = typer.Option(None, help="cpu | cuda (default: CUDA when available)."),
     baselines: bool = typer.Option(
         False, help="Compare on the same episodes: trained vs untrained model, each with its metric and frame-mean."),
+    open_set: bool = typer.Option(
+        False, "--open-set", help="Open-set episodes (as many unknown queries as known): AUROC and accuracy at the "
+                                  "calibrated threshold of open_set_score beside the MSP baseline."),
+    record: bool = typer.Option(
+        False, "--record", help="With --open-set: measure the 1-shot default thresholds on the val split and write "
+                                "them into the checkpoint."),
+    accept: float = typer.Option(0.95, help="With --open-set: fraction of a set's left-out known clips accepted."),
 ) -> None:
     """Few-shot accuracy with its 95% interval over seeded episodes, plus zero-shot accuracy."""
     kwargs = {"seed": seed} if seed is not None else {}
+    if record and not open_set:
+        raise CliError("--record needs --open-set")
+    if open_set and (baselines or metric is not None):
+        raise CliError("--open-set evaluates the checkpoint's own metric; leave out --baselines and --metric")
+    if open_set:
+        from training.evaluate import open_set_table
+
+        table = open_set_table(checkpoint, data, split=split, way=way, shot=shot, query=query, episodes=episodes,
+                               accept=accept, record=record, json_path=json_path, device=device, **kwargs)
+        typer.echo(table["table"])
+        return
     if baselines:
         from training.evaluate import baseline_table
 

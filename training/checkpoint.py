@@ -10,6 +10,7 @@ A checkpoint is one ``torch.save`` file of plain dicts, strings, numbers and ten
 * ``backbone_state``: only for a backbone with random weights (tests, demos): the frozen weights
   themselves, so the model comes back exactly rather than re-randomised;
 * training metadata (``step``, ``metrics``, ``extra``, time, library versions, parameter counts);
+* optionally ``open_set``: the model-level open-set thresholds (:func:`record_open_set`);
 * ``checkpoint_hash``: :meth:`FsarModel.fingerprint` at save time, sha256 over the config, the
   backbone weight hash and the trainable tensors. Saving the same model twice gives the same hash,
   and :func:`load_checkpoint` checks the rebuilt model against it.
@@ -191,6 +192,19 @@ def load_checkpoint(path: PathLike, *, pretrained_override: Optional[str] = None
                               f"{payload['checkpoint_hash'][:16]}... (corrupt file, or a model code change)")
     model = model.to(map_location).eval()
     return model, meta
+
+
+def record_open_set(path: PathLike, open_set: Mapping[str, Any]) -> None:
+    """Write the model-level open-set calibration into a checkpoint (atomically), replacing any earlier one.
+
+    ``open_set`` is JSON-like (``fsar eval --open-set --record`` writes ``default_thresholds``
+    ``{score: threshold}`` and how they were measured); it appears as ``meta["open_set"]`` in
+    :func:`read_checkpoint_meta` and :func:`load_checkpoint`. Weights and the checkpoint hash are
+    unchanged; checkpoints without the key load as before.
+    """
+    payload = _load_payload(path, mmap=False)
+    payload["open_set"] = _plain(dict(open_set))
+    _atomic_save(payload, Path(path))
 
 
 # ---------------------------------------------------------------------- helpers

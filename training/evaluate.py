@@ -337,3 +337,190 @@ def baseline_table(checkpoint: Union[str, Path], data: Union[str, Path], split: 
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+# --------------------------------------------------------------------------- open set
+OPEN_SET_STREAM = 7001  # seeds the unknown queries of open-set episode i as default_rng([seed, 7001, i])
+OPEN_SET_FIELDS = ("auroc", "accuracy", "known_accuracy", "unknown_rejection", "known_accepted")
+_SCORE_TITLES = {"distance": "open_set_score (normalised nearest distance)", "msp": "MSP baseline (1 - max p)",
+                 "margin": "margin (1 - top-2 gap)"}
+
+
+@torch.no_grad()
+def open_set_episodes(model: FsarModel, encoded: EncodedSplit, *, way: int = 5, shot: int = 1, query: int = 1,
+                      episodes: int = 2000, seed: int = DEFAULT_EVAL_SEED,
+                      default_thresholds: Optional[Dict[str, float]] = None, accept: Optional[float] = None,
+                      use_text: bool = True, progress: bool = True) -> Dict[str, Dict[str, np.ndarray]]:
+    """Open-set episodes on cached features: N-way K-shot known classes plus as many unknown queries.
+
+    Episode i's support and known queries are ``EpisodeSampler(labels, way, shot, query, episodes, seed)``'s
+    episode i (the very episodes of :func:`episode_accuracies`); its ``way * query`` unknown queries are
+    drawn without replacement from the split's videos of the classes outside the episode
+    (``default_rng([seed, OPEN_SET_STREAM, i])``). Each support set is calibrated as the gateway does
+    (:func:`training.open_set.calibrate_support_set`: leave-one-out when a class has >= 2 shots, else
+    ``default_thresholds``), and every score of :data:`training.open_set.SCORE_NAMES` is measured on the
+    same queries.
+
+    Returns:
+        ``{score: {field: float64 [episodes]}}`` with fields (percent) ``auroc`` (unknown vs known by the
+        score), ``accuracy`` (a query is right when known, correctly labelled and accepted, or unknown
+        and rejected), ``known_accuracy`` (known queries correctly labelled and accepted),
+        ``unknown_rejection`` (unknown queries rejected), ``known_accepted`` (known queries accepted);
+        plus ``known_scores`` ``[episodes * way * query]``, the known queries' scores (pooled).
+    """
+    from training.data import EpisodeSampler
+    from training.open_set import (DEFAULT_ACCEPT, SCORE_NAMES, auroc, calibrate, calibration_logits,
+                                   default_threshold, mix_probabilities, score_by_name)
+
+    accept = DEFAULT_ACCEPT if accept is None else accept
+    thresholds = {name: default_threshold(None, name) for name in SCORE_NAMES}
+    thresholds.update(default_thresholds or {})
+    sampler = EpisodeSampler(encoded.labels.tolist(), way, shot, query, episodes, seed)
+    labels_all = encoded.labels.numpy()
+    was_training = model.training
+    model.eval()
+    device = model.device
+    alpha = model.config.alpha if use_text else 0.0
+
+    def floats(array: np.ndarray) -> Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(device)
+
+    def build(feats: np.ndarray, labels: np.ndarray, texts: Optional[np.ndarray]) -> np.ndarray:
+        return model.build_prototypes(floats(feats), torch.from_numpy(labels).to(device),
+                                      None if texts is None else floats(texts)).float().cpu().numpy()
+
+    def q2s(queries: np.ndarray, prototypes: np.ndarray) -> np.ndarray:
+        return model.q2s_logits(floats(queries), floats(prototypes)).double().cpu().numpy()
+
+    def q2t(queries: np.ndarray, texts: np.ndarray) -> Optional[np.ndarray]:
+        return model.zero_shot(floats(queries), floats(texts)).double().cpu().numpy() if alpha > 0 else None
+
+    support_all = encoded.support_feats.numpy()
+    query_all = encoded.query_feats.numpy()
+    text_all = encoded.text_feats.numpy()
+    num_support, num_known = way * shot, way * query
+    support_labels = np.repeat(np.arange(way), shot)
+    query_labels = np.repeat(np.arange(way), query)
+    is_unknown = np.concatenate([np.zeros(num_known, bool), np.ones(num_known, bool)])
+    results = {name: {field: np.empty(episodes) for field in OPEN_SET_FIELDS} for name in SCORE_NAMES}
+    known_scores: Dict[str, list] = {name: [] for name in SCORE_NAMES}
+    for index in tqdm(range(episodes), desc=f"open-set {way}-way {shot}-shot", unit="ep", disable=not progress,
+                      leave=False):
+        indices, class_ids = sampler.episode(index)
+        pool = np.flatnonzero(~np.isin(labels_all, class_ids))
+        if pool.size < num_known:
+            raise ValueError(f"open-set episodes need {num_known} videos outside the {way} episode classes; "
+                             f"the split has {pool.size}")
+        unknown = np.random.default_rng([seed, OPEN_SET_STREAM, index]).choice(pool, num_known, replace=False)
+        support = support_all[indices[:num_support]]
+        texts = text_all[class_ids] if use_text else None
+        queries = np.concatenate([query_all[indices[num_support:]], query_all[unknown]])  # [2 N Q, T, D]
+        prototypes = build(support, support_labels, texts)
+        plan, q2s_support, q2s_own = calibration_logits(support, support_labels, texts, build, q2s,
+                                                        prototypes=prototypes)
+        q2t_support = q2t(support, texts) if texts is not None else None
+        query_q2s = q2s(queries, prototypes)
+        query_probs = mix_probabilities(query_q2s, q2t(queries, texts) if texts is not None else None, alpha)
+        predicted_right = np.concatenate([query_probs[:num_known].argmax(axis=1) == query_labels,
+                                          np.zeros(num_known, bool)])
+        for name in SCORE_NAMES:
+            calibration = calibrate(plan, q2s_support, q2s_own, default_threshold=thresholds[name],
+                                    q2t_support=q2t_support, alpha=alpha, accept=accept, score=name)
+            scores = score_by_name(name, query_q2s, query_probs, calibration.reference)
+            rejected = scores > calibration.threshold
+            right = np.where(is_unknown, rejected, predicted_right & ~rejected)
+            row = results[name]
+            row["auroc"][index] = 100.0 * auroc(scores[~is_unknown], scores[is_unknown])
+            row["accuracy"][index] = 100.0 * right.mean()
+            row["known_accuracy"][index] = 100.0 * right[~is_unknown].mean()
+            row["unknown_rejection"][index] = 100.0 * right[is_unknown].mean()
+            row["known_accepted"][index] = 100.0 * (~rejected[~is_unknown]).mean()
+            known_scores[name].append(scores[~is_unknown])
+    model.train(was_training)
+    for name in SCORE_NAMES:
+        results[name]["known_scores"] = np.concatenate(known_scores[name])
+    return results
+
+
+def open_set_table(checkpoint: Optional[Union[str, Path]], data: Union[str, Path], split: str = "test",
+                   way: int = 5, shot: int = 1, query: int = 1, episodes: int = 2000,
+                   seed: int = DEFAULT_EVAL_SEED, accept: Optional[float] = None, record: bool = False,
+                   record_split: str = "val", json_path: Optional[Union[str, Path]] = None,
+                   batch_size: int = 16, num_workers: int = 2, *,
+                   model_config: Optional[Union[ModelConfig, dict]] = None, use_text: bool = True,
+                   device: Optional[str] = None, progress: bool = True) -> Dict[str, Any]:
+    """Open-set ("none of these") evaluation: each score against the MSP baseline on the same episodes.
+
+    See :func:`open_set_episodes` for the episodes and fields. One-shot sets use the model-level default
+    thresholds: those the checkpoint records, else :data:`training.open_set.DEFAULT_THRESHOLDS`. With
+    ``record``, they are first measured on ``record_split`` (way-way 1-shot episodes of the same count and
+    seed; the ``accept`` quantile of the known queries' scores) and written into the checkpoint
+    (:func:`training.checkpoint.record_open_set`), then used.
+
+    Returns:
+        ``{"rows": [{"score", "method", field: mean, field + "_ci95": half-width, ...}], "table": markdown,
+        "default_thresholds", "threshold_source", "accept", "way", "shot", "query", "episodes", "seed",
+        "split", "checkpoint", "checkpoint_hash"}``; also written to ``json_path``.
+    """
+    from training.data import load_dataset
+    from training.open_set import DEFAULT_ACCEPT, SCORE_NAMES, accept_threshold, default_threshold
+
+    accept = DEFAULT_ACCEPT if accept is None else accept
+    for name, value in (("way", way), ("shot", shot), ("query", query), ("episodes", episodes)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if record and checkpoint is None:
+        raise ValueError("--record writes the thresholds into a checkpoint; give --checkpoint")
+    model, info = load_for_eval(checkpoint, model_config, device)
+    model.eval()
+
+    def encoded_split(name: str) -> EncodedSplit:
+        dataset = load_dataset(data, name, num_frames=model.num_frames, size=model.image_size[0], mode="test")
+        if len(dataset.classes) <= way:
+            raise ValueError(f"split {name!r} has {len(dataset.classes)} classes; open-set {way}-way episodes "
+                             f"need more than {way} (the others give the unknown queries)")
+        return encode_split(model, dataset, batch_size=batch_size, num_workers=num_workers, progress=progress,
+                            desc=f"encode {name}")
+
+    meta: Dict[str, Any] = {}
+    if checkpoint is not None:
+        from training.checkpoint import read_checkpoint_meta
+
+        meta = read_checkpoint_meta(checkpoint)
+    source = "checkpoint" if meta.get("open_set") else "DEFAULT_THRESHOLDS"
+    thresholds = {name: default_threshold(meta, name) for name in SCORE_NAMES}
+    if record:
+        measured = open_set_episodes(model, encoded_split(record_split), way=way, shot=1, query=query,
+                                     episodes=episodes, seed=seed, accept=accept, use_text=use_text,
+                                     progress=progress)
+        thresholds = {name: accept_threshold(measured[name]["known_scores"], accept) for name in SCORE_NAMES}
+        from training.checkpoint import record_open_set
+
+        record_open_set(checkpoint, {"default_thresholds": thresholds, "score": "distance", "accept": accept,
+                                     "split": record_split, "way": way, "shot": 1, "query": query,
+                                     "episodes": episodes, "seed": seed, "use_text": use_text})
+        source = f"measured on {record_split} and recorded"
+    results = open_set_episodes(model, encoded_split(split), way=way, shot=shot, query=query, episodes=episodes,
+                                seed=seed, default_thresholds=thresholds, accept=accept, use_text=use_text,
+                                progress=progress)
+    rows = []
+    for name in SCORE_NAMES:
+        row: Dict[str, Any] = {"score": name, "method": _SCORE_TITLES[name]}
+        for field in OPEN_SET_FIELDS:
+            row[field], row[field + "_ci95"] = mean_ci95(results[name][field])
+        rows.append(row)
+    threshold_note = ("leave-one-out per set" if shot > 1 else
+                      f"1-shot default ({source})")
+    lines = [f"| score ({split}, {way}-way {shot}-shot + {way * query} unknown queries, {episodes} episodes; "
+             f"threshold: {threshold_note}, accept {accept:.0%}) | AUROC % | accuracy % | known acc. % "
+             f"| unknown rejected % | known accepted % |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    lines += ["| " + r["method"] + " | " + " | ".join(f"{r[f]:.2f} ± {r[f + '_ci95']:.2f}" for f in OPEN_SET_FIELDS)
+              + " |" for r in rows]
+    result = {"rows": rows, "table": "\n".join(lines), "default_thresholds": thresholds,
+              "threshold_source": source, "accept": accept, "way": way, "shot": shot, "query": query,
+              "episodes": episodes, "seed": seed, "split": split, "use_text": use_text, **info}
+    if json_path is not None:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+    return result
