@@ -8,7 +8,10 @@ the backend already returns for a few-shot answer: the Q2S logits ``[Q, N]`` (pu
 The score (:func:`open_set_score`) lies in [0, 1]; **higher = less like any registered class**. A
 query is answered "none of these" when its score is above the support set's threshold.
 
-Calibration, once per support set (when it is registered or changed)::
+Calibration, once per support set (when it is registered or changed): the threshold accepts
+``accept`` (95%) of the set's left-out clips, and moves up to its normal approximation (mean + 1.645
+sd, the sd at least ``MIN_SCORE_SD``), but not past the middle between them and the set's clips
+scored without their own class (stand-ins for unregistered actions, :func:`class_out_scores`)::
 
     plan = plan_calibration(labels)                                        # labels [S]
     q2s_support = classify(support_feats, prototypes)                      # [S, N], no texts
@@ -17,13 +20,11 @@ Calibration, once per support set (when it is registered or changed)::
     q2s_own = plan.own_logits(classify(support_feats[plan.heldout], loo_protos))   # [J]
     calibration = calibrate(plan, q2s_support, q2s_own, default_threshold=default_threshold(meta))
     ...
-    scores = open_set_score(q2s_query, probs_query, calibration.reference)  # [Q]
+    scores = open_set_score(q2s_query, calibration.reference)             # [Q]
     unknown = scores > calibration.threshold
 
-:func:`calibrate_support_set` runs exactly those steps with synchronous callables. The
-threshold is the smallest score at or below which at least ``accept`` (95%) of the set's
-left-out support clips fall; a set where no class has two shots gets the model-level default
-(:func:`default_threshold`).
+:func:`calibrate_support_set` runs exactly those steps with synchronous callables. A set where no
+class has two shots gets the model-level default (:func:`default_threshold`).
 """
 from __future__ import annotations
 
@@ -39,6 +40,10 @@ softmax probability) is the baseline; ``margin`` (top-2 probability gap) was mea
 
 DEFAULT_ACCEPT = 0.95
 """Fraction of a set's own left-out known clips that its threshold accepts."""
+
+MIN_SCORE_SD = 0.05
+"""Smallest spread assumed for the scores of a set's known clips when its threshold is set (about 0.2
+of the set's logit spread near score 0.5): a few left-out shots understate how far queries stray."""
 
 DEFAULT_THRESHOLDS: Dict[str, float] = {"distance": 0.901, "msp": 0.266, "margin": 0.525}
 """Model-level thresholds for sets with one shot per class, for models whose checkpoint records none.
@@ -270,8 +275,33 @@ def calibrate(plan: CalibrationPlan, q2s_support: np.ndarray, q2s_own: np.ndarra
     loo = leave_one_out_logits(plan, q2s_support, q2s_own)
     q2t = None if q2t_support is None else _matrix(q2t_support, "q2t_support")[plan.heldout]
     scores = score_by_name(score, loo, mix_probabilities(loo, q2t, alpha), reference)
-    return SetCalibration(threshold=accept_threshold(scores, accept), reference=reference,
+    threshold = accept_threshold(scores, accept)
+    if score == "distance":
+        # A handful of left-out clips put the quantile at their largest score, hugging the known side:
+        # a class's shots are more alike than its future queries. So the threshold is also at least the
+        # normal approximation of the same quantile, mean + z * sd, with the spread at least
+        # MIN_SCORE_SD; but it stays below the middle between the known clips and the set's clips scored
+        # without their own class (stand-ins for queries of actions the set does not have).
+        known_mu = float(np.mean(scores))
+        z = float(_normal_quantile(accept))
+        threshold = max(threshold, known_mu + z * max(float(np.std(scores)), MIN_SCORE_SD))
+        unknown_like = class_out_scores(plan, q2s_support, reference)
+        if unknown_like.size:
+            middle = 0.5 * (known_mu + float(np.mean(unknown_like)))
+            threshold = min(threshold, max(accept_threshold(scores, accept), middle))
+    return SetCalibration(threshold=threshold, reference=reference,
                           source="leave-one-out", heldout=plan.num_jobs, accept=accept, score=score)
+
+
+def class_out_scores(plan: CalibrationPlan, q2s_support: np.ndarray, reference: SetReference) -> np.ndarray:
+    """:func:`open_set_score` of each support clip against the set without its own class: ``[S]``, what
+    a query of an action the set does not have scores (empty when the set has one class)."""
+    support = _matrix(q2s_support, "q2s_support")
+    if support.shape[1] < 2:
+        return np.zeros(0)
+    others = support.copy()
+    others[np.arange(plan.labels.size), plan.labels] = -np.inf
+    return open_set_score(others, reference)
 
 
 def calibrate_support_set(support_feats: np.ndarray, labels: np.ndarray, text_feats: Optional[np.ndarray],
@@ -346,6 +376,18 @@ def auroc(known_scores: np.ndarray, unknown_scores: np.ndarray) -> float:
 
 
 # --------------------------------------------------------------------------- helpers
+def _normal_quantile(p: float) -> float:
+    """The standard normal quantile (inverse CDF) at ``p`` in (0, 1), by bisection on erf."""
+    low, high = -10.0, 10.0
+    for _ in range(80):
+        mid = 0.5 * (low + high)
+        if 0.5 * (1.0 + math.erf(mid / math.sqrt(2.0))) < p:
+            low = mid
+        else:
+            high = mid
+    return 0.5 * (low + high)
+
+
 def _softmax(logits: np.ndarray) -> np.ndarray:
     x = _matrix(logits, "logits")
     x = x - x.max(axis=1, keepdims=True)
@@ -363,4 +405,4 @@ def _matrix(array: np.ndarray, name: str) -> np.ndarray:
 __all__ = ["SCORE_NAMES", "DEFAULT_ACCEPT", "DEFAULT_THRESHOLDS", "SetReference", "SetCalibration",
            "CalibrationPlan", "mix_probabilities", "open_set_score", "msp_score", "margin_score", "score_by_name",
            "plan_calibration", "leave_one_out_logits", "set_reference", "accept_threshold", "calibrate",
-           "calibrate_support_set", "calibration_logits", "default_threshold", "auroc"]
+           "calibrate_support_set", "calibration_logits", "class_out_scores", "default_threshold", "auroc"]

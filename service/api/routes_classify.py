@@ -52,6 +52,11 @@ def classify_fields(
         ge=MIN_SEGMENT_S, le=MAX_SEGMENT_S, allow_inf_nan=False,
         description="Seconds between window starts (with segment_seconds); default segment_seconds (windows "
                     "side by side). Smaller: overlapping windows.")] = None,
+    unknown_threshold: Annotated[float | None, Form(
+        ge=0.0, le=1.0, allow_inf_nan=False,
+        description="Few-shot and hybrid: answer `unknown` (none of these) when open_set_score is above this, "
+                    "instead of the support set's calibrated threshold (its description's open_set.threshold).")
+    ] = None,
 ) -> dict[str, Any]:
     """The classification fields of a request, by name: exactly the keyword arguments of
     `FsarService.classify` besides the upload and the tenant (JSON values: a job stores them)."""

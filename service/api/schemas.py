@@ -54,6 +54,17 @@ class Sampling(BaseModel):
     size: int
 
 
+class OpenSetCalibration(BaseModel):
+    """How a support set tells "none of these" (`unknown`) from its classes."""
+
+    threshold: float = Field(description="A query is unknown when its open_set_score is above this.")
+    source: Literal["leave-one-out", "default"] = Field(
+        description="leave-one-out: from the set's own clips (each shot of a class with two or more scored against "
+                    "the set without it); default: the model-level threshold (one shot per class).")
+    heldout: int = Field(description="Clips the leave-one-out threshold came from.")
+    accept: float = Field(description="Fraction of those clips the threshold accepts as known.")
+
+
 class SupportSet(BaseModel):
     """A registered support set."""
 
@@ -71,6 +82,8 @@ class SupportSet(BaseModel):
     updated_at: str | None = None
     expires_at: str | None = Field(None, description="When the set expires (None: never).")
     videos: list[VideoInfo]
+    open_set: OpenSetCalibration | None = Field(
+        None, description="The set's 'none of these' calibration for the current model (absent until built).")
 
 
 class SupportSetList(BaseModel):

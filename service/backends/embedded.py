@@ -195,6 +195,8 @@ class EmbeddedBackend(Backend):
             "threads_per_call": (cpu_threads_per_model_call(self.settings) if self.device.type == "cpu"
                                  else None),
             "demo": bool(self.settings.demo),
+            # thresholds `fsar eval --open-set --record` measured for this checkpoint (none: the defaults)
+            **({"open_set": self.meta["open_set"]} if self.meta.get("open_set") else {}),
         }
 
     def info(self) -> dict[str, Any]:

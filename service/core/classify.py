@@ -24,6 +24,7 @@ from service.core.uploads import Upload
 from service.bounds import MAX_SEGMENT_S, MIN_SEGMENT_S
 from service.errors import InvalidField, PayloadTooLarge
 from service.settings import Settings
+from training import open_set
 
 Source = Literal["support", "text", "both"]
 Mode = Literal["few-shot", "zero-shot", "hybrid"]
@@ -59,6 +60,8 @@ class Scores:
     sources: dict[str, Source]
     prototypes: np.ndarray | None  # [N, T, D], few-shot and hybrid
     q2s_logits: np.ndarray | None  # [Q, N]: the metric's own logits against the support classes
+    open_set_scores: np.ndarray | None = None  # [Q] in [0, 1], few-shot and hybrid (training.open_set)
+    threshold: float | None = None  # the support set's calibrated open-set threshold
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,7 @@ class Classifier:
     async def classify(self, upload: Upload, *, support_set_id: str | None, labels: Sequence[str] | None,
                        top_k: int | None, tenant: str | None, text_weight: float | None = None,
                        explain: bool = False, segment_seconds: float | None = None,
-                       stride_seconds: float | None = None,
+                       stride_seconds: float | None = None, unknown_threshold: float | None = None,
                        progress: Callable[[float, float], Awaitable[None]] | None = None) -> Classification:
         """Label one query video (few-shot against one of the tenant's sets).
 
@@ -121,11 +124,19 @@ class Classifier:
         label that are not unknown, and the top-level `predictions` are the mean of the windows'
         probabilities. `await progress(done_s, total_s)` follows each piece of windows done.
 
+        Few-shot and hybrid answers say whether the video looks like none of the set's classes:
+        `open_set_score` in [0, 1] (`training.open_set.open_set_score`: the nearest prototype's distance
+        in units of where the set's own clips sit; higher = less like any class) and `unknown` when it
+        is above the set's calibrated threshold, or above `unknown_threshold` when the request gives one.
+        The ranked predictions do not change.
+
         Scores are probabilities summing to 1 over all candidates; `top_k` keeps the best k.
         `explain` adds an `explanation` (`service.core.explain.Explainer.explain`; whole videos only).
         """
         labels = unique(clean_labels(labels or []))
         self._check(labels, support_set_id, top_k, text_weight)
+        if unknown_threshold is not None and not 0.0 <= unknown_threshold <= 1.0:  # also refuses nan
+            raise InvalidField("unknown_threshold must be between 0 and 1.", code="invalid_unknown_threshold")
         check_windows(segment_seconds, stride_seconds)
         check_not_empty(upload)
         manifest = await self._support_sets.load(support_set_id, tenant) if support_set_id is not None else None
@@ -142,6 +153,9 @@ class Classifier:
         scores = await self._score(queries, manifest, labels, text_weight, timings)
 
         video_probs = scores.probs.mean(axis=0)  # [C]: the video's, or the mean over its windows
+        threshold = unknown_threshold if unknown_threshold is not None else scores.threshold
+        open_scores = scores.open_set_scores  # [Q] or None (zero-shot)
+        unknown = None if open_scores is None else [bool(score > threshold) for score in open_scores]
         ranked = self._ranked(scores, video_probs)
         explanation = None
         if explain and self._explainer is not None and spans is None:
@@ -150,8 +164,10 @@ class Classifier:
         segments = events = None
         if spans is not None:
             segments = [Segment(start_s=round(float(start), 3), end_s=round(float(end), 3),
-                                predictions=self._ranked(scores, row)[:top_k] if top_k else self._ranked(scores, row))
-                        for (start, end), row in zip(spans, scores.probs)]
+                                predictions=self._ranked(scores, row)[:top_k] if top_k else self._ranked(scores, row),
+                                unknown=None if unknown is None else unknown[w],
+                                open_set_score=None if open_scores is None else round(float(open_scores[w]), 6))
+                        for w, ((start, end), row) in enumerate(zip(spans, scores.probs))]
             events = find_events(spans, [segment.predictions[0].label if segment.unknown is not True else None
                                          for segment in segments],
                                  [segment.predictions[0].score for segment in segments])
@@ -165,6 +181,9 @@ class Classifier:
             query_cache_hit=cache_hit,
             timings_ms=timings.milliseconds(),
             explanation=explanation,
+            # the video's verdict; with windows: unknown when every window is, the lowest window score
+            unknown=None if unknown is None else all(unknown),
+            open_set_score=None if open_scores is None else round(float(open_scores.min()), 6),
             segments=segments,
             events=events,
         )
@@ -180,11 +199,11 @@ class Classifier:
         """Probabilities of queries `[Q, T, D]` over the candidates, with the mode they came from."""
         candidates: list[str] = []
         sources: dict[str, Source] = {}
-        few_probs = zero_probs = prototypes = q2s = None
+        few_probs = zero_probs = prototypes = q2s = calibration = None
         if manifest is not None:
             classes = list(manifest.classes)
             with timings.measure("match"):
-                prototypes = await self._support_sets.prototypes(manifest)  # [N, T, D]
+                prototypes, calibration = await self._support_sets.prepared(manifest)  # [N, T, D]
             with timings.measure("encode"):
                 class_text = await self._features.text(classes)  # [N, D]
             metric = self._model.metric_for_set(manifest.id, manifest.metric)
@@ -206,8 +225,10 @@ class Classifier:
             with timings.measure("match"):
                 zero_probs = softmax(await self._backend.zero_shot(queries, text_feats))  # [Q, C]
         mode, probs = self._fuse(few_probs, zero_probs, len(candidates), text_weight)
+        open_set_scores = None if calibration is None else open_set.open_set_score(q2s, calibration.reference)  # [Q]
         return Scores(mode=mode, probs=probs, candidates=candidates, sources=sources, prototypes=prototypes,
-                      q2s_logits=q2s)
+                      q2s_logits=q2s, open_set_scores=open_set_scores,
+                      threshold=None if calibration is None else calibration.threshold)
 
     async def _mixed(self, queries: np.ndarray, q2s_logits: np.ndarray, class_text: np.ndarray,
                      text_weight: float) -> np.ndarray:

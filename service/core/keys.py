@@ -118,6 +118,11 @@ def prototype_key(tenant: str | None, set_id: str, fingerprint: str, revision: i
     return set_key(tenant, set_id, f"proto:{fingerprint}:{revision}")
 
 
+def calibration_key(tenant: str | None, set_id: str, fingerprint: str, revision: int) -> str:
+    """`{ns}set:{id}:calib:{fp}:{rev}`: the set's open-set calibration (JSON) for a model and revision."""
+    return set_key(tenant, set_id, f"calib:{fingerprint}:{revision}")
+
+
 def prototype_pattern(tenant: str | None, set_id: str) -> str:
     """The pattern matching the set's prototypes of every model and revision."""
     return set_key(tenant, set_id, "proto:*")

@@ -42,6 +42,13 @@ class ModelFacts:
         """How clips are sampled for this model: `{"num_frames": T, "size": S}`."""
         return {"num_frames": self.num_frames, "size": self.input_size}
 
+    @property
+    def open_set_meta(self) -> dict[str, Any]:
+        """What the checkpoint records about open-set recognition (`fsar eval --open-set --record`), as
+        `{"open_set": {...}}`, or {} (then `training.open_set.DEFAULT_THRESHOLDS` apply)."""
+        recorded = self.info.get("open_set")
+        return {"open_set": recorded} if recorded else {}
+
     def ref(self) -> dict[str, Any]:
         """The short model description embedded in responses."""
         info = self.info

@@ -90,14 +90,15 @@ class FsarService:
                        labels: Sequence[str] | None = None, top_k: int | None = None,
                        tenant: str | None = None, text_weight: float | None = None,
                        explain: bool = False, segment_seconds: float | None = None,
-                       stride_seconds: float | None = None,
+                       stride_seconds: float | None = None, unknown_threshold: float | None = None,
                        progress: Callable[[float, float], Awaitable[None]] | None = None) -> Classification:
         """Label one query video: few-shot, zero-shot or hybrid, whole or window by window
         (`Classifier.classify`)."""
         return await self._classifier.classify(upload, support_set_id=support_set_id, labels=labels,
                                                top_k=top_k, tenant=tenant, text_weight=text_weight,
                                                explain=explain, segment_seconds=segment_seconds,
-                                               stride_seconds=stride_seconds, progress=progress)
+                                               stride_seconds=stride_seconds,
+                                               unknown_threshold=unknown_threshold, progress=progress)
 
     async def video_seconds(self, upload: Upload) -> float:
         """How long an upload on disk lasts, in seconds, measured in the decode pool (a job's progress

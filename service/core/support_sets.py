@@ -42,6 +42,8 @@ from service.errors import SupportSetNotFound, SupportSetUnreadable
 from service.settings import Settings
 from service.store.base import Batch, StoreConflict, StoreDataError
 from service.telemetry import Metrics
+from training import open_set
+from training.open_set import SetCalibration
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +69,22 @@ class SupportSets:
         self._set_locks: weakref.WeakValueDictionary[tuple[str | None, str], asyncio.Lock] = \
             weakref.WeakValueDictionary()
 
-    def describe(self, manifest: Manifest) -> dict[str, Any]:
-        """The public view of a set (what the API returns)."""
-        return manifest.describe(self._model.ref(), self._model.metric)
+    def describe(self, manifest: Manifest, calibration: SetCalibration | None = None) -> dict[str, Any]:
+        """The public view of a set (what the API returns), with its open-set calibration when known."""
+        described = manifest.describe(self._model.ref(), self._model.metric)
+        if calibration is not None:
+            described["open_set"] = {"threshold": round(calibration.threshold, 6), "source": calibration.source,
+                                     "heldout": calibration.heldout, "accept": calibration.accept}
+        return described
+
+    async def _calibrations(self, manifests: list[Manifest]) -> list[SetCalibration | None]:
+        """The stored calibrations of sets for the current model (None where not built yet)."""
+        fp = self._model.fingerprint
+        found = []
+        for manifest in manifests:
+            raw = await self._json_or_none(keys.calibration_key(manifest.tenant, manifest.id, fp, manifest.revision))
+            found.append(_calibration_or_none(raw))
+        return found
 
     # ------------------------------------------------------------------ reading
     async def load(self, set_id: str, tenant: str | None) -> Manifest:
@@ -99,7 +114,8 @@ class SupportSets:
         return manifest
 
     async def get(self, set_id: str, tenant: str | None) -> dict[str, Any]:
-        return self.describe(await self.load(set_id, tenant))
+        manifest = await self.load(set_id, tenant)
+        return self.describe(manifest, (await self._calibrations([manifest]))[0])
 
     async def list(self, tenant: str | None) -> list[dict[str, Any]]:
         """The tenant's sets, oldest first; a manifest that cannot be read is logged and left out."""
@@ -120,7 +136,8 @@ class SupportSets:
             except ManifestError as err:
                 log.warning("skipping the unreadable manifest %s in a listing: %s", key, err)
         manifests.sort(key=lambda manifest: manifest.created_at)
-        return [self.describe(manifest) for manifest in manifests]
+        return [self.describe(manifest, calibration)
+                for manifest, calibration in zip(manifests, await self._calibrations(manifests))]
 
     async def _json_or_none(self, key: str) -> Any | None:
         try:
@@ -225,7 +242,9 @@ class SupportSets:
             if h not in known:
                 batch.array(keys.clip_key(tenant, set_id, h), clip)
         manifest.add(list(videos))
-        prototypes = await self._build_prototypes(manifest, batch, fresh_clips=clips)
+        prototypes, calibration = await self._build_prototypes(manifest, batch, fresh_clips=clips)
+        batch.json(keys.calibration_key(tenant, set_id, self._model.fingerprint, manifest.revision),
+                   calibration.to_dict())
         if new:  # a new set's lifetime starts when it is written, however long decoding and encoding took
             lifetime = None if manifest.expires_at is None else manifest.expires_at - manifest.created_at
             manifest.created_at = manifest.updated_at = now()
@@ -234,25 +253,53 @@ class SupportSets:
         ttl = manifest.remaining_ttl()
         batch.array(keys.prototype_key(tenant, set_id, self._model.fingerprint, manifest.revision), prototypes)
         batch.json(keys.manifest_key(tenant, set_id), manifest.to_json())  # last: the set appears complete
-        described = self.describe(manifest)  # rendered before anything is written
+        described = self.describe(manifest, calibration)  # rendered before anything is written
         await self._store.write_batch(batch, ttl_s=ttl, guard=(keys.manifest_key(tenant, set_id), old_revision))
         if not new:
             await self._drop_old_prototypes(tenant, set_id, keep_revision=manifest.revision)
         return described
 
     # ------------------------------------------------------------------ prototypes
-    async def prototypes(self, manifest: Manifest) -> np.ndarray:
-        """Cached prototypes `[N, T, D]` of a set, rebuilt (and stored) when the model changed."""
+    async def _build_prototypes(self, manifest: Manifest, batch: Batch | None,
+                                fresh_clips: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, SetCalibration]:
+        """Prototypes `[N, T, D]` of the set's classes (manifest order) for the current model, and the
+        set's open-set calibration (`training.open_set`: leave-one-out over its own shots, or the
+        model-level default threshold when no class has two)."""
+        support_feats = await self._features.support(manifest, batch, fresh_clips)  # [S, T, D]
+        class_index = {label: i for i, label in enumerate(manifest.classes)}
+        support_labels = np.array([class_index[v.label] for v in manifest.videos], dtype=np.int64)  # [S]
+        text_feats = await self._features.text(manifest.classes)  # [N, D]
+        prototypes = (await self._backend.build_prototypes(support_feats, support_labels, text_feats)
+                      ).astype(np.float32, copy=False)
+        metric = self._model.metric_for_set(manifest.id, manifest.metric)
+        plan = open_set.plan_calibration(support_labels)
+        q2s_support = await self._backend.classify(support_feats, prototypes, None, metric=metric)  # [S, N]
+        q2s_own = np.zeros(0)
+        if plan.num_jobs:
+            loo_prototypes = await self._backend.build_prototypes(
+                support_feats[plan.loo_support], plan.loo_labels, text_feats[plan.loo_classes])  # [J, T, D]
+            q2s_own = plan.own_logits(await self._backend.classify(support_feats[plan.heldout], loo_prototypes, None,
+                                                                   metric=metric))  # [J]
+        calibration = open_set.calibrate(plan, q2s_support, q2s_own,
+                                         default_threshold=open_set.default_threshold(self._model.open_set_meta))
+        return prototypes, calibration
+
+    async def prepared(self, manifest: Manifest) -> tuple[np.ndarray, SetCalibration]:
+        """The set's prototypes `[N, T, D]` and open-set calibration for the current model, from the
+        store, or rebuilt (and stored) when the model changed since they were."""
         fp = self._model.fingerprint
-        key = keys.prototype_key(manifest.tenant, manifest.id, fp, manifest.revision)
-        cached = await self._store.get_array(key)
-        self._metrics.cache_result("prototypes", hit=cached is not None)
-        if cached is not None:
-            return cached
+        proto_key = keys.prototype_key(manifest.tenant, manifest.id, fp, manifest.revision)
+        calib_key = keys.calibration_key(manifest.tenant, manifest.id, fp, manifest.revision)
+        cached = await self._store.get_array(proto_key)
+        calibration = _calibration_or_none(await self._json_or_none(calib_key)) if cached is not None else None
+        self._metrics.cache_result("prototypes", hit=cached is not None and calibration is not None)
+        if cached is not None and calibration is not None:
+            return cached, calibration
         log.info("rebuilding prototypes of support set %s for model %s", manifest.id, fp[:12])
         batch = Batch()
-        prototypes = await self._build_prototypes(manifest, batch)
-        batch.array(key, prototypes)
+        prototypes, calibration = await self._build_prototypes(manifest, batch)
+        batch.array(proto_key, prototypes)
+        batch.json(calib_key, calibration.to_dict())
         ttl = manifest.remaining_ttl()
         if ttl is None or ttl > 0:
             try:
@@ -261,20 +308,24 @@ class SupportSets:
                                                                        manifest.revision))
             except StoreConflict:
                 log.info("support set %s changed while its prototypes were rebuilt; not caching them", manifest.id)
-        return prototypes
+        return prototypes, calibration
 
-    async def _build_prototypes(self, manifest: Manifest, batch: Batch | None,
-                                fresh_clips: dict[str, np.ndarray] | None = None) -> np.ndarray:
-        """Prototypes `[N, T, D]` of the set's classes (manifest order) for the current model."""
-        support_feats = await self._features.support(manifest, batch, fresh_clips)  # [S, T, D]
-        class_index = {label: i for i, label in enumerate(manifest.classes)}
-        support_labels = np.array([class_index[v.label] for v in manifest.videos], dtype=np.int64)  # [S]
-        text_feats = await self._features.text(manifest.classes)  # [N, D]
-        prototypes = await self._backend.build_prototypes(support_feats, support_labels, text_feats)
-        return prototypes.astype(np.float32, copy=False)
+    async def prototypes(self, manifest: Manifest) -> np.ndarray:
+        """The set's prototypes `[N, T, D]` for the current model (see `prepared`)."""
+        return (await self.prepared(manifest))[0]
 
     async def _drop_old_prototypes(self, tenant: str | None, set_id: str, keep_revision: int) -> None:
         found = await self._store.keys(keys.prototype_pattern(tenant, set_id))
         stale = [key for key in found if not keys.is_prototype_of_revision(key, keep_revision)]
         if stale:
             await self._store.delete(stale)
+
+
+def _calibration_or_none(raw: Any) -> SetCalibration | None:
+    """A stored calibration, or None when absent or unreadable (it is then rebuilt)."""
+    if not isinstance(raw, dict):
+        return None
+    try:
+        return SetCalibration.from_dict(raw)
+    except (TypeError, KeyError, ValueError):
+        return None
