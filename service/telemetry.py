@@ -6,7 +6,7 @@ Exposed at `GET /metrics`:
 - `fsar_stage_duration_seconds{stage}`: decode, encode, match, store;
 - `fsar_cache_requests_total{cache, result}`: cache = query | text | support | prototypes, result = hit | miss;
 - `fsar_backend_calls_total{op}`: one per backend call (encode_videos, encode_texts, build_prototypes,
-  classify, zero_shot);
+  classify, zero_shot; open_set for the calls of a set's open-set calibration and a query's score);
 - `fsar_videos_encoded_total{branch}`: videos the backend encoded (branch = support | query).
 - `fsar_rejected_requests_total{reason}`: requests refused before reaching a route
   (reason = unauthenticated | rate_limited);

@@ -208,7 +208,7 @@ class Classifier:
                 class_text = await self._features.text(classes)  # [N, D]
             metric = self._model.metric_for_set(manifest.id, manifest.metric)
             with timings.measure("match"):
-                q2s = await self._backend.classify(queries, prototypes, None, metric=metric)  # [Q, N]
+                q2s = await self._backend.classify(queries, prototypes, None, metric=metric, op="open_set")  # [Q, N]
                 if text_weight is None or labels:  # the model's own mix (hybrid: the few-shot part)
                     few_probs = softmax(await self._backend.classify(queries, prototypes, class_text, metric=metric))
                 else:

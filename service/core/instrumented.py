@@ -77,14 +77,17 @@ class CountedBackend:
             return await self._backend.encode_texts(labels)
 
     async def build_prototypes(self, support_feats: np.ndarray, support_labels: np.ndarray,
-                               text_feats: np.ndarray) -> np.ndarray:
-        self._metrics.backend_call("build_prototypes")
+                               text_feats: np.ndarray, *, op: str = "build_prototypes") -> np.ndarray:
+        """`op`: the label the call is counted under (`"open_set"` for calibration's extra calls)."""
+        self._metrics.backend_call(op)
         with self._metrics.stage("match"):
             return await self._backend.build_prototypes(support_feats, support_labels, text_feats)
 
     async def classify(self, query_feats: np.ndarray, prototypes: np.ndarray,
-                       text_feats: np.ndarray | None = None, metric: str | None = None) -> np.ndarray:
-        self._metrics.backend_call("classify")
+                       text_feats: np.ndarray | None = None, metric: str | None = None, *,
+                       op: str = "classify") -> np.ndarray:
+        """`op`: the label the call is counted under (`"open_set"` for the open-set score's Q2S logits)."""
+        self._metrics.backend_call(op)
         with self._metrics.stage("match"):
             return await self._backend.classify(query_feats, prototypes, text_feats, metric=metric)
 

@@ -273,13 +273,14 @@ class SupportSets:
                       ).astype(np.float32, copy=False)
         metric = self._model.metric_for_set(manifest.id, manifest.metric)
         plan = open_set.plan_calibration(support_labels)
-        q2s_support = await self._backend.classify(support_feats, prototypes, None, metric=metric)  # [S, N]
+        q2s_support = await self._backend.classify(support_feats, prototypes, None, metric=metric,
+                                                   op="open_set")  # [S, N]
         q2s_own = np.zeros(0)
         if plan.num_jobs:
             loo_prototypes = await self._backend.build_prototypes(
-                support_feats[plan.loo_support], plan.loo_labels, text_feats[plan.loo_classes])  # [J, T, D]
+                support_feats[plan.loo_support], plan.loo_labels, text_feats[plan.loo_classes], op="open_set")
             q2s_own = plan.own_logits(await self._backend.classify(support_feats[plan.heldout], loo_prototypes, None,
-                                                                   metric=metric))  # [J]
+                                                                   metric=metric, op="open_set"))  # [J]
         calibration = open_set.calibrate(plan, q2s_support, q2s_own,
                                          default_threshold=open_set.default_threshold(self._model.open_set_meta))
         return prototypes, calibration
