@@ -111,3 +111,16 @@ def test_sprites_generator_layout_and_reversal(tmp_path):
     assert summary["videos"] == 40
     test = load_dataset(tmp_path / "sprites", "test", num_frames=4, size=32, mode="test")
     assert len(test.classes) == 6 and len(test) == 12
+
+
+def test_frame_mean_baseline_of_a_centred_model_compares_raw_means():
+    from training.evaluate import swap_metric
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**TINY, frame_centering=True, metric_scale_init=10.0)).eval()
+    swap_metric(model, "mean")
+    assert model.config.metric == "mean" and not model.config.frame_centering
+    queries, support = torch.randn(3, 8, 64), torch.randn(3, 8, 64)
+    with torch.no_grad():
+        logits = model.classify(queries, model.build_prototypes(support, torch.arange(3), None))
+    assert logits.std() > 0  # centred means would all be zero: every class tied

@@ -15,7 +15,7 @@ from training.train import EpisodicObjective, TrainingError, train
 
 # A fast episodic run on the tiny random backbone (no stand-in pretraining in tests).
 FAST = ["model.pretrained=null", "pretrain.steps=0", "model.tpcm_ffn=64", "data.num_workers=0", "model.adapter=ted+ma",
-        "model.alpha=0.5", "threads=1",
+        "model.alpha=0.5", "threads=1", "episodic.feature_views=0",
         "episodic.query=1", "episodic.episodes=40", "val.every=2", "val.episodes=10", "val.query=1",
         "log_every=1", "save_every=2"]
 
