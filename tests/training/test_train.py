@@ -39,7 +39,7 @@ def test_episodic_training_writes_checkpoints_metrics_and_resumes(synth_root, tm
     assert [int(r["step"]) for r in train_rows] == [1, 2, 3]
     assert all(float(r["loss"]) > 0 for r in train_rows) and train_rows[0]["loss_q2s"]
     assert [int(r["step"]) for r in val_rows] == [2, 3]
-    assert first["best_val_accuracy"] == max(float(r["val_acc"]) for r in val_rows)
+    assert first["best_val_accuracy"] == pytest.approx(max(float(r["val_acc"]) for r in val_rows), rel=1e-5)  # csv: 6 digits
     assert read_checkpoint_meta(out / "last.pt")["step"] == 3
     trained, _ = load_checkpoint(out / "last.pt")
     torch.manual_seed(0)
