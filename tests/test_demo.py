@@ -1,4 +1,4 @@
-"""`fsar demo` end to end, shortened: synthetic data, one-off training, the embedded gateway over HTTP."""
+"""`fsar demo` end to end, shortened: synthetic data, the one-off demo model, the embedded gateway over HTTP."""
 from __future__ import annotations
 
 import math
@@ -25,7 +25,9 @@ def test_demo_trains_once_registers_held_out_classes_and_classifies_over_http(tm
     # The printed commands are ready to paste: they name a real sample file and the registered set.
     assert any(result.support_set["id"] in block and "/classify" in block for block in result.curl)
     assert any("labels=" in block for block in result.curl)
-    assert any("few-shot top-1" in line for line in said)
+    assert any("few-shot top-1" in line and "frame-mean baseline" in line for line in said)
+    assert all(s["frame_mean"] in classes for s in result.samples)  # the baseline on the same clips
+    assert 0 <= result.frame_mean_correct <= len(result.samples)
 
     # A second run reuses the cached checkpoint and dataset instead of training again, and the
     # model card says plainly that it is a demo model.

@@ -52,6 +52,10 @@ class EpisodicConfig:
     shot: int = 1
     query: int = 5  # training queries per class
     episodes: int = 10000  # training episodes in total (iterations = episodes)
+    # > 0: with a frozen image tower (model.adapter none), encode every training video this many
+    # times once (each a fresh random frame per segment: temporal jitter) and run the episodes on
+    # those cached features; a random view per video and episode. 0: decode every episode's videos.
+    feature_views: int = 0
 
 
 @dataclass
@@ -140,6 +144,9 @@ class PretrainConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 20
     seed: int = 0
+    # Rebuild the weights from training/assets/<backbone>-standin-visual.pt when that file was made
+    # with these settings (seconds instead of minutes; `fsar pretrain-asset` remakes it).
+    use_shipped: bool = True
 
 
 @dataclass

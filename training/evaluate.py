@@ -184,7 +184,11 @@ def swap_metric(model: FsarModel, metric: str) -> None:
     from training.model.temporal_metrics import build_metric
 
     config = model.config.replace(metric=metric)
+    if metric == "mean" and config.frame_centering:
+        # The temporal mean of centred frames is zero: the frame-mean baseline compares raw means.
+        config = config.replace(frame_centering=False)
     if metric == model.config.metric:
+        model.config = config
         return
     kwargs = {"lam": config.otam_lambda} if metric == "otam" else {}
     new_metric = build_metric(metric, model.embed_dim, model.num_frames, **kwargs).to(model.device)

@@ -31,7 +31,7 @@ import os
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Dict, List, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -228,3 +228,61 @@ def pretrain_backbone(backbone: str, out: Union[str, Path], settings: PretrainCo
     logger.info("stand-in pretraining of %s: loss %.3f, caption word F1 %.1f%%, %.0f s -> %s", backbone,
                 loss_value, word_f1, result["seconds"], out)
     return result
+
+
+# --------------------------------------------------------------------------- shipped weights
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+"""Small deterministic artefacts of this module shipped in the repository (the stand-in pretrained
+image tower of ``fsar-tiny``), so `fsar demo` and tests need not spend minutes re-making them."""
+
+
+def pretrain_recipe(settings: PretrainConfig) -> Dict[str, object]:
+    """The settings that determine the weights (everything but ``use_shipped``)."""
+    return {k: v for k, v in asdict(settings).items() if k != "use_shipped"}
+
+
+def shipped_visual_path(backbone: str) -> Path:
+    """Where the shipped stand-in pretrained image tower of ``backbone`` lives (may not exist)."""
+    return ASSETS_DIR / f"{backbone}-standin-visual.pt"
+
+
+def export_visual(weights: Union[str, Path], out: Union[str, Path], settings: PretrainConfig,
+                  backbone: str) -> Dict[str, object]:
+    """Write the image tower (``visual.*``) of a ``pretrain_backbone`` state_dict to ``out`` with the
+    settings that made it, and return ``{"path", "sha256"}``. The text tower is left out: pretraining
+    never changes it, so :func:`restore_backbone` rebuilds it from ``settings.seed``."""
+    from training.model.hashing import state_hash
+
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    visual = {k: v.clone() for k, v in state.items() if k.startswith("visual.")}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"backbone": backbone, "settings": pretrain_recipe(settings), "visual": visual}, out)
+    return {"path": str(out), "sha256": state_hash(visual)}
+
+
+def restore_backbone(shipped: Union[str, Path], out: Union[str, Path], settings: PretrainConfig,
+                     backbone: str) -> Optional[Dict[str, object]]:
+    """Rebuild the full state_dict ``pretrain_backbone(backbone, out, settings)`` writes from a shipped
+    image tower: the random model seeded as pretraining seeds it (so the untouched text tower is the
+    same), with the shipped ``visual.*`` weights. Returns None (nothing written) when the shipped file
+    was made with other settings or another backbone."""
+    from training.model import load_backbone
+    from training.model.hashing import state_hash
+
+    record = torch.load(shipped, map_location="cpu", weights_only=True)
+    if record.get("backbone") != backbone or record.get("settings") != pretrain_recipe(settings):
+        return None
+    torch.manual_seed(settings.seed)
+    state = load_backbone(backbone, None).clip.state_dict()
+    missing = [k for k in state if k.startswith("visual.") and k not in record["visual"]]
+    if missing:
+        return None
+    state.update(record["visual"])
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, out)
+    return {"path": str(out), "steps": settings.steps, "shipped": str(shipped),
+            "visual_sha256": state_hash(record["visual"])}

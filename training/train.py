@@ -137,9 +137,13 @@ class EpisodicObjective(nn.Module):
         support_labels = episode["support_labels"].to(device)  # [N*K]
         query_labels = episode["query_labels"].to(device)  # [N*Q]
         text_feats = model.encode_text(episode["label_texts"])  # [N, D]
-        support_texts = text_feats[support_labels] if model.config.uses_ma else None  # [N*K, D]
-        support_feats = model.encode_video(episode["support_frames"], texts=support_texts)  # [N*K, T, D]
-        query_feats = model.encode_video(episode["query_frames"])  # [N*Q, T, D]
+        if "support_feats" in episode:  # cached frame features of a frozen image tower
+            support_feats = episode["support_feats"].to(device)  # [N*K, T, D]
+            query_feats = episode["query_feats"].to(device)  # [N*Q, T, D]
+        else:
+            support_texts = text_feats[support_labels] if model.config.uses_ma else None  # [N*K, D]
+            support_feats = model.encode_video(episode["support_frames"], texts=support_texts)  # [N*K, T, D]
+            query_feats = model.encode_video(episode["query_frames"])  # [N*Q, T, D]
         prototypes = model.build_prototypes(support_feats, support_labels, text_feats)  # [N, T, D]
         q2s_logits = model.q2s_logits(query_feats, prototypes)  # [N*Q, N]
         q2t_logits = model.zero_shot(query_feats, text_feats)  # [N*Q, N]
@@ -224,6 +228,48 @@ class _EpisodeStream:
 
     def __len__(self) -> int:
         return len(range(self.first + self.rank, self.sampler.episodes, self.world_size))
+
+
+class _CachedEpisodeStream:
+    """Episodes ``first, first + world, ...`` on cached frame features (``episodic.feature_views``).
+
+    Each video of an episode takes one of its ``len(views)`` encodings, drawn from ``(seed, episode)``
+    so a resumed run sees the same episodes. Yields the dict ``EpisodeCollate`` gives, with
+    ``support_feats [N*K, T, D]`` / ``query_feats [N*Q, T, D]`` in place of the frames.
+    """
+
+    def __init__(self, sampler, views: List[Tensor], labels: Sequence[int], label_texts: Sequence[str], way: int,
+                 shot: int, first: int, world_size: int, rank: int, seed: int):
+        self.sampler, self.views, self.labels, self.label_texts = sampler, views, list(labels), list(label_texts)
+        self.way, self.shot, self.first, self.world_size, self.rank, self.seed = way, shot, first, world_size, rank, seed
+
+    def __iter__(self) -> Iterator[Dict[str, Any]]:
+        for index in range(self.first + self.rank, self.sampler.episodes, self.world_size):
+            items, class_ids = self.sampler.episode(index)
+            picks = np.random.default_rng([self.seed, index]).integers(len(self.views), size=len(items))
+            feats = torch.stack([self.views[v][i] for v, i in zip(picks.tolist(), items)])  # [N*(K+Q), T, D]
+            position = {c: i for i, c in enumerate(class_ids)}
+            labels = torch.tensor([position[self.labels[i]] for i in items], dtype=torch.long)
+            n_support = self.way * self.shot
+            yield {"support_feats": feats[:n_support], "support_labels": labels[:n_support],
+                   "query_feats": feats[n_support:], "query_labels": labels[n_support:],
+                   "class_ids": torch.tensor(class_ids, dtype=torch.long),
+                   "label_texts": [self.label_texts[c] for c in class_ids]}
+
+
+def encode_views(model: FsarModel, train_set, views: int, seed: int, num_workers: int = 0,
+                 progress: bool = False) -> List[Tensor]:
+    """Frame features ``[V, T, D]`` of every training video, ``views`` times with train-mode frame
+    sampling (view ``v`` seeded with ``seed + v``): the cache of ``episodic.feature_views``."""
+    from training.evaluate import encode_split
+
+    out = []
+    for view in range(views):
+        torch.manual_seed(seed + 7919 * (view + 1))
+        encoded = encode_split(model, train_set, batch_size=32, num_workers=num_workers, amp="off",
+                               progress=progress, desc=f"encode train (view {view + 1}/{views})")
+        out.append(encoded.query_feats)
+    return out
 
 
 class _BatchStream:
@@ -466,18 +512,30 @@ def _train(cfg: TrainConfig, data: Path, out: Path, resume: bool, device: Option
                                                else None, find_unused_parameters=True)
 
     # ------------------------------------------------------------------ data streams
-    if cfg.regime == "episodic":
+    loader = None
+    if cfg.regime == "episodic" and cfg.episodic.feature_views > 0:
+        if model.config.adapter != "none":
+            raise ConfigError(f"episodic.feature_views needs a frozen image tower (model.adapter: none), got "
+                              f"model.adapter {model.config.adapter!r}; set episodic.feature_views=0")
+        views = encode_views(model, train_set, cfg.episodic.feature_views, cfg.seed, cfg.data.num_workers,
+                             progress and info.is_main)
+        objective.train()
+        batches = iter(_CachedEpisodeStream(sampler, views, train_set.labels, train_set.label_texts, cfg.episodic.way,
+                                            cfg.episodic.shot, start_step * global_batch, info.world_size,
+                                            info.rank, cfg.seed))
+    elif cfg.regime == "episodic":
         stream = _EpisodeStream(sampler, start_step * global_batch, info.world_size, info.rank)
         collate = EpisodeCollate(train_set.label_texts, cfg.episodic.way, cfg.episodic.shot)
     else:
         done_batches = start_step * cfg.grad_accum
         stream = _BatchStream(sampler, done_batches // batches_per_epoch, done_batches % batches_per_epoch)
         collate = collate_supervised
-    from torch.utils.data import DataLoader
+    if not (cfg.regime == "episodic" and cfg.episodic.feature_views > 0):
+        from torch.utils.data import DataLoader
 
-    loader = DataLoader(train_set, batch_sampler=stream, collate_fn=collate, num_workers=cfg.data.num_workers,
-                        pin_memory=info.device.type == "cuda", persistent_workers=False)
-    batches = iter(loader)
+        loader = DataLoader(train_set, batch_sampler=stream, collate_fn=collate, num_workers=cfg.data.num_workers,
+                            pin_memory=info.device.type == "cuda", persistent_workers=False)
+        batches = iter(loader)
 
     # ------------------------------------------------------------------ steps
     val_encoded_cache: Dict[str, Any] = {}
@@ -573,14 +631,21 @@ def _prepare_backbone(cfg: TrainConfig, out: Path, info: DistInfo, progress: boo
     import json
 
     weights, record = out / PRETRAINED_BACKBONE, out / (PRETRAINED_BACKBONE + ".json")
-    wanted = {"backbone": model_config.backbone, "settings": dataclasses.asdict(cfg.pretrain)}
+    settings = {k: v for k, v in dataclasses.asdict(cfg.pretrain).items() if k != "use_shipped"}
+    wanted = {"backbone": model_config.backbone, "settings": settings}
     if info.is_main:
         have = json.loads(record.read_text()) if record.is_file() and weights.is_file() else None
         if have is None or {k: have.get(k) for k in wanted} != wanted:
-            from training.pretrain import pretrain_backbone
+            from training.pretrain import pretrain_backbone, restore_backbone, shipped_visual_path
 
             out.mkdir(parents=True, exist_ok=True)
-            result = pretrain_backbone(model_config.backbone, weights, cfg.pretrain, progress=progress)
+            shipped = shipped_visual_path(model_config.backbone)
+            result = (restore_backbone(shipped, weights, cfg.pretrain, model_config.backbone)
+                      if shipped.is_file() and cfg.pretrain.use_shipped else None)
+            if result is not None:
+                logger.info("stand-in pretrained backbone rebuilt from the shipped image tower %s", shipped)
+            else:
+                result = pretrain_backbone(model_config.backbone, weights, cfg.pretrain, progress=progress)
             record.write_text(json.dumps({**wanted, **{k: v for k, v in result.items() if k != "settings"}},
                                          indent=2) + "\n")
         else:
@@ -654,3 +719,23 @@ def _resume(last_path: Path, state_path: Path, cfg: TrainConfig, model: FsarMode
     scaler.load_state_dict(state["scaler"])
     _set_rng_state(state["rng"])
     return int(state["step"]), state["best_val"]
+
+
+def untrained_checkpoint(config: Union[str, Path, Dict[str, Any], TrainConfig], out: Union[str, Path],
+                         overrides: Sequence[str] = (), *, progress: bool = True) -> Path:
+    """The training-free model of ``config``: its backbone (stand-in pretrained when ``pretrain.steps > 0``,
+    rebuilt from the shipped image tower when it matches), adapters and TPCM at their identity
+    initialisation, the configured metric and scale. Saved as ``OUT/best.pt`` (step 0); returns its path.
+
+    What `fsar demo` serves: on the synthetic data no training recipe beat this model on held-out
+    classes (docs/learning.md)."""
+    cfg = load_config(config, overrides)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model_config = _prepare_backbone(cfg, out, DistInfo(), progress)
+    torch.manual_seed(cfg.seed)
+    model = build_model(model_config, device=torch.device("cpu"))
+    save_config(cfg, out / CONFIG_YAML)
+    path = out / BEST_CHECKPOINT
+    _save_model(path, model, cfg, 0, {"training_free": True})
+    return path

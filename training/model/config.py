@@ -24,6 +24,10 @@ class ModelConfigError(ValueError):
     """A model config (a field name or value) is invalid; the message names the field and says why."""
 
 
+# Fields added after checkpoints existed, and their defaults: ``to_dict`` omits them at the default.
+NEW_FIELD_DEFAULTS: Dict[str, Any] = {"tpcm_text": True, "frame_centering": False}
+
+
 @dataclass
 class ModelConfig:
     """What :func:`training.model.build_model` builds.
@@ -58,6 +62,12 @@ class ModelConfig:
     Few-shot head (docs/methods.md sections 4-6 and 8):
         tpcm: text-guided prototype construction module (one transformer layer) on both branches.
         tpcm_heads, tpcm_ffn, tpcm_attn_dropout: its heads, FFN width and attention dropout.
+        tpcm_text: support videos attend to their label's text feature in TPCM (MA-CLIP). False: TPCM
+            sees frames only on both branches (for text towers that carry no meaning, whose label
+            features would be class codes the module can memorise; docs/learning.md).
+        frame_centering: subtract each video's temporal mean frame feature before TPCM and the
+            metric (support and query alike; zero-shot is unchanged): the metric then compares how
+            videos change rather than what they show (docs/methods.md section 5).
         metric: temporal alignment metric ``otam`` | ``bimhm`` | ``mean`` | ``trx``.
         otam_lambda: OTAM smooth-min temperature (0.5 as in CLIP-FSAR).
         metric_scale_init: initial value of the learnable scale on ``-distance`` (Q2S logits). None
@@ -94,6 +104,8 @@ class ModelConfig:
     tpcm_heads: int = 8
     tpcm_ffn: int = 2048
     tpcm_attn_dropout: float = 0.0
+    tpcm_text: bool = True
+    frame_centering: bool = False
     metric: Literal["otam", "bimhm", "mean", "trx"] = "otam"
     otam_lambda: float = 0.5
     metric_scale_init: Optional[Union[float, Literal["auto"]]] = None
@@ -152,7 +164,7 @@ class ModelConfig:
             raise ModelConfigError(f"tpcm_attn_dropout must lie in [0, 1), got {self.tpcm_attn_dropout}")
         if self.otam_lambda <= 0.0:
             raise ModelConfigError(f"otam_lambda must be positive, got {self.otam_lambda}")
-        for name in ("temporal_adapter", "tpcm", "learn_metric_scale"):
+        for name in ("temporal_adapter", "tpcm", "learn_metric_scale", "tpcm_text", "frame_centering"):
             if not isinstance(getattr(self, name), bool):
                 raise ModelConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.quick_gelu is not None and not isinstance(self.quick_gelu, bool):
@@ -173,8 +185,14 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> Dict[str, Any]:
-        """A plain, JSON-serialisable dict of every field."""
-        return dataclasses.asdict(self)
+        """A plain, JSON-serialisable dict of every field. Fields added after checkpoints were first
+        written (``NEW_FIELD_DEFAULTS``) are left out at their default, so those checkpoints keep
+        their fingerprint."""
+        data = dataclasses.asdict(self)
+        for name, default in NEW_FIELD_DEFAULTS.items():
+            if data.get(name) == default:
+                data.pop(name)
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ModelConfig":

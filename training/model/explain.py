@@ -108,7 +108,8 @@ def explain_alignment(model: torch.nn.Module, query_feats: Tensor, prototypes: T
     """
     model._check_frame_feats(query_feats, "query_feats")  # the same checks as q2s_logits
     model._check_frame_feats(prototypes, "prototypes")
-    queries = model.tpcm(query_feats, None) if model.tpcm is not None else query_feats  # [Q, T, D]
+    queries = model._centred(query_feats)  # frame_centering (a no-op when off)
+    queries = model.tpcm(queries, None) if model.tpcm is not None else queries  # [Q, T, D]
     cost = frame_cost(queries, prototypes).detach().float().cpu().numpy().astype(np.float64)  # [Q, N, T, T]
     metric = model.config.metric
     alignment = np.zeros(cost.shape[:2] + (2,) + cost.shape[2:], dtype=np.float32)

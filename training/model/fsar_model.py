@@ -239,12 +239,19 @@ class FsarModel(nn.Module):
         if (shots == 0).any():
             empty = (shots == 0).nonzero().flatten().tolist()
             raise ValueError(f"classes {empty} have no support video; every class needs at least one shot")
-        refined = support_feats
+        refined = self._centred(support_feats)
         if self.tpcm is not None:
-            shot_texts = text_feats.to(support_feats.dtype)[labels] if text_feats is not None else None  # [S, D]
-            refined = self.tpcm(support_feats, shot_texts)  # [S, T, D]
+            use_text = text_feats is not None and self.config.tpcm_text
+            shot_texts = text_feats.to(support_feats.dtype)[labels] if use_text else None  # [S, D]
+            refined = self.tpcm(refined, shot_texts)  # [S, T, D]
         sums = refined.new_zeros((num_classes,) + tuple(refined.shape[1:])).index_add(0, labels, refined)
         return sums / shots.to(refined.dtype).view(-1, 1, 1)  # [N, T, D]
+
+    def _centred(self, frame_feats: Tensor) -> Tensor:
+        """``[B, T, D]`` minus each video's temporal mean when ``config.frame_centering``, else unchanged."""
+        if not self.config.frame_centering:
+            return frame_feats
+        return frame_feats - frame_feats.mean(dim=1, keepdim=True)
 
     def q2s_logits(self, query_feats: Tensor, prototypes: Tensor) -> Tensor:
         """Query-to-support logits ``-distance * metric_scale``: ``[Q, T, D]``, ``[N, T, D]`` -> ``[Q, N]``.
@@ -253,7 +260,8 @@ class FsarModel(nn.Module):
         """
         self._check_frame_feats(query_feats, "query_feats")
         self._check_frame_feats(prototypes, "prototypes")
-        queries = self.tpcm(query_feats, None) if self.tpcm is not None else query_feats  # [Q, T, D]
+        queries = self._centred(query_feats)
+        queries = self.tpcm(queries, None) if self.tpcm is not None else queries  # [Q, T, D]
         distances = self.metric(queries, prototypes)  # [Q, N]
         return -distances * self.metric_scale
 
