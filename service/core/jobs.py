@@ -121,8 +121,8 @@ class Jobs:
 
     # ------------------------------------------------------------------ life cycle
     async def start(self) -> None:
-        """Create the job folder, start the workers and, in the background, recover this replica's jobs."""
-        os.makedirs(self.directory, exist_ok=True)
+        """Start the workers and, in the background, recover this replica's jobs. (The job folder is made
+        with the first job, so a gateway that runs none leaves nothing in `upload_dir`.)"""
         self._workers = [asyncio.create_task(self._work(), name=f"fsar-job-worker-{n}")
                          for n in range(self.settings.job_workers)]
         self._spawn(self._recover_when_reachable())
