@@ -177,9 +177,12 @@ def mutated_files(corpus: list[bytes], count: int, seed: int) -> Iterator[tuple[
 def gateway(tmp_path_factory, redis_url: str, redis_session_prefix: str) -> Iterator[LiveGateway]:
     """The gateway under attack; its store is the real Redis, so its own memory holds no registered data
     and RSS growth means a leak."""
+    # Jobs the fuzzer submits keep their videos in job_dir until they end: outside the temporary folder
+    # that must hold no upload once a request is over.
     settings = tiny_settings(api_keys=f"fuzz:{API_KEY}", decode_timeout_s=5.0, max_upload_mb=8.0,
                              decode_concurrency=2, log_level="error", redis_url=redis_url,
-                             redis_prefix=f"{redis_session_prefix}hostile:")
+                             redis_prefix=f"{redis_session_prefix}hostile:",
+                             job_dir=str(tmp_path_factory.mktemp("hostile-jobs")))
     with LiveGateway(settings, tmp_path_factory.mktemp("hostile")) as live:
         yield live
 

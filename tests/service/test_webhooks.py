@@ -136,7 +136,8 @@ async def test_the_api_refuses_private_callbacks_and_unconfigured_webhooks(tmp_p
     async with running(settings) as (client, _service):
         for url in ("http://10.1.2.3/hook", "http://localhost/hook", "file:///etc/passwd", "http://[::1]/"):
             assert_error(await submit(client, clip, labels=["a"], callback_url=url), 422, "callback_url_refused")
-        assert list((tmp_path / "jobs").iterdir()) == []
+        jobs = tmp_path / "jobs"  # made with the first job kept: none was
+        assert not jobs.exists() or list(jobs.iterdir()) == []
     async with running(tiny_settings(job_dir=str(tmp_path / "jobs"))) as (client, _service):
         error = assert_error(await submit(client, clip, labels=["a"], callback_url="https://93.184.215.14/"),
                              422, "callback_url_refused")
