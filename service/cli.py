@@ -112,11 +112,26 @@ def eval_cmd(
         False, "--record", help="With --open-set: measure the 1-shot default thresholds on the val split and write "
                                 "them into the checkpoint."),
     accept: float = typer.Option(0.95, help="With --open-set: fraction of a set's left-out known clips accepted."),
+    precision: bool = typer.Option(
+        False, "--precision", help="What serving precision costs, on the same episodes on the CPU: the encoders on "
+                                   "torch fp32, ONNX Runtime fp32 and int8 (accuracy, paired difference to fp32, "
+                                   "feature cosine)."),
+    onnx_cache_dir: Optional[Path] = typer.Option(None, help="With --precision: where the ONNX graphs are cached."),
 ) -> None:
     """Few-shot accuracy with its 95% interval over seeded episodes, plus zero-shot accuracy."""
     kwargs = {"seed": seed} if seed is not None else {}
     if record and not open_set:
         raise CliError("--record needs --open-set")
+    if precision and (open_set or baselines or metric is not None):
+        raise CliError("--precision compares encoders with the checkpoint's own metric; leave out --open-set, "
+                       "--baselines and --metric")
+    if precision:
+        from training.evaluate import precision_table
+
+        table = precision_table(checkpoint, data, split=split, way=way, shot=shot, query=query, episodes=episodes,
+                                json_path=json_path, onnx_cache_dir=onnx_cache_dir, **kwargs)
+        typer.echo(table["table"])
+        return
     if open_set and (baselines or metric is not None):
         raise CliError("--open-set evaluates the checkpoint's own metric; leave out --baselines and --metric")
     if open_set:
@@ -252,12 +267,17 @@ def bench_segments_cmd(
     batch: int = typer.Option(8, help="Windows per encoder call in our path."),
     seconds: Optional[float] = typer.Option(None, help="Video duration in seconds (default 600; quick 60)."),
     workdir: Optional[Path] = typer.Option(None, help="Where the generated video is cached."),
+    runtime: str = typer.Option("auto", help="Our path's encoder runtime: auto (as the embedded backend: ONNX Runtime "
+                                             "on a CPU when installed) | torch | onnxruntime. The baseline stays torch eager."),
+    precision: str = typer.Option("fp32", help="ONNX Runtime precision: fp32 | int8."),
+    onnx_cache_dir: Optional[Path] = typer.Option(None, help="Where ONNX graphs are cached (default ~/.cache/fsar/onnx)."),
 ) -> None:
     """Every 2 s window of a long video: one decoding pass + batched encoding vs the per-window loop."""
     from service.bench.segments import run
 
     run(quick=quick, json_path=str(json_path) if json_path else None, workdir=str(workdir) if workdir else None,
-        backbone=backbone, batch=batch, seconds=seconds)
+        backbone=backbone, batch=batch, seconds=seconds, runtime=runtime, precision=precision,
+        onnx_cache_dir=str(onnx_cache_dir) if onnx_cache_dir else None)
 
 
 @bench_app.command("e2e")

@@ -7,15 +7,17 @@ every 2 s (a 60 s clip repeated ten times by remuxing, see :func:`make_long_clip
 in a full run), 8 frames a window at the model's input size (224 px; fsar-tiny: 64 px).
 
 - ``ours``: ``decode_windows`` once (one plan over the file, each frame decoded and converted
-  once), then the windows encoded in batches of ``batch`` (8) and each batch classified few-shot
-  against the prototype set.
+  once), then the windows encoded in batches of ``batch`` (8) on the encoder runtime the embedded
+  backend picks (``runtime`` auto: ONNX Runtime fp32 on a CPU when it is installed, as the gateway
+  serves; ``--runtime torch`` for the torch-eager encoder, ``--precision int8`` for the quantised
+  graphs) and each batch classified few-shot against the prototype set.
 - ``naive`` (the baseline): for each window, open the file, seek with PyAV to the keyframe before
   the window's start, decode forward (threaded decoding, every frame) until the window's last
   sampling time, convert the 8 frames shown at the centres of 8 equal parts of the window (the
   same resize/crop as ours), then encode and classify that window alone (batch 1).
 
 Both paths use the same model (``backbone`` with random weights, seed 0, built as the embedded
-backend builds it, torch's default CPU threads) and the same prototype set: a 5-way 1-shot set of
+backend builds it; torch and ONNX Runtime with one intra-op thread per core) and the same prototype set: a 5-way 1-shot set of
 five windows of the video itself with the labels of ``service.bench.common.LABELS``, built once
 before timing (``setup_s``). ``frames_match`` checks the two paths fed the model identical frames;
 ``predictions_agree`` is the share of windows where both predicted the same label.
@@ -27,15 +29,17 @@ classified per wall-clock second), ``windows_per_s``, ``speedup_vs_baseline`` (b
 ``cpu_speedup_vs_baseline`` (CPU time of all this process's threads: unlike wall time, it hardly
 moves when other jobs share the machine; the load average is in ``machine``), and for ours
 ``distinct_frames`` (frames converted) of ``video_frames``. The target is ``speedup_vs_baseline
->= 3``; on a CPU the encoder does the same work in both paths, so with a large backbone the
-speedup is bounded by the encoder's share of the time (``encode_share_ours``).
+>= 3``. The baseline's encoder stays torch eager at batch 1 (what a user scripts, as in ``bench e2e``);
+with ``--runtime torch`` both paths run the same encoder and the speedup is bounded by what one
+decoding pass and batching save (``encode_share_ours``). ``predictions_agree`` checks that the
+runtimes answer alike (ONNX Runtime fp32 is within 1e-4 of torch).
 
 JSON: ``{"machine", "quick", "settings", "clip", "setup_s", "results": [row], "frames_match",
 "predictions_agree", "encode_share_ours", "targets"}``; ``targets`` holds the target's ``value``,
 ``target`` and ``met``.
 
 Run: ``python -m service.bench.segments [--quick] [--json out.json] [--backbone NAME] [--batch N]
-[--seconds S] [--workdir DIR]``.
+[--seconds S] [--workdir DIR] [--runtime auto|torch|onnxruntime] [--precision fp32|int8] [--onnx-cache-dir DIR]``.
 """
 from __future__ import annotations
 
@@ -121,21 +125,42 @@ def decode_limits(seconds: float) -> DecodeLimits:
 # ------------------------------------------------------------------------------------- model
 class Classifier:
     """The model built as the embedded backend builds it (random weights, seed 0, 8 frames) and a
-    5-way 1-shot prototype set; ``classify`` = encode + few-shot logits."""
+    5-way 1-shot prototype set; ``classify`` = encode + few-shot logits with torch eager,
+    ``classify_fast`` the same with the encoder on ``runtime`` (the embedded backend's choice:
+    :func:`service.backends.embedded.choose_runtime`)."""
 
-    def __init__(self, backbone: str, labels: Sequence[str] = LABELS, seed: int = 0) -> None:
+    def __init__(self, backbone: str, labels: Sequence[str] = LABELS, seed: int = 0, runtime: str = "auto",
+                 precision: str = "fp32", threads: int | None = None, onnx_cache_dir: str | None = None) -> None:
+        import os
+
         import torch
 
+        from service.backends.embedded import choose_runtime
         from training.model import ModelConfig, build_model
 
         config = ModelConfig(backbone=backbone, pretrained=None, num_frames=NUM_FRAMES)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.model = build_model(config).eval()
+        self.threads = threads or os.cpu_count() or 1
+        torch.set_num_threads(self.threads)
+        self.runtime, self.runtime_why = choose_runtime(runtime, "cpu")
+        if self.runtime == "torch" and precision != "fp32":
+            raise BenchArgumentError(f"precision={precision} needs the onnxruntime runtime ({self.runtime_why})")
+        self.precision = precision
+        self.runner: Any = None
+        if self.runtime == "onnxruntime":
+            from training.onnx import OnnxModelRunner
+
+            self.runner = OnnxModelRunner.build(self.model, precision, self.threads, cache_dir=onnx_cache_dir)
         self.size = int(self.model.image_size[0])
         self.labels = list(labels)
         self.text_feats: Any = None
         self.prototypes: Any = None
+
+    @property
+    def encoder_name(self) -> str:
+        return "torch eager fp32" if self.runner is None else f"onnxruntime {self.precision}"
 
     def build_prototypes(self, support: np.ndarray) -> None:
         """``support``: uint8 ``[N, T, S, S, 3]``, one video per label."""
@@ -147,23 +172,35 @@ class Classifier:
             self.prototypes = self.model.build_prototypes(support_feats, torch.arange(len(self.labels)),
                                                           self.text_feats)  # [N, T, D]
 
+    def _head(self, feats: Any) -> np.ndarray:
+        logits = self.model.classify(feats, self.prototypes, self.text_feats)  # [B, N]
+        return logits.argmax(dim=1).numpy().astype(np.int64)
+
     def classify(self, frames: np.ndarray) -> np.ndarray:
-        """uint8 ``[B, T, S, S, 3]`` -> predicted label index per video, int64 ``[B]``."""
+        """uint8 ``[B, T, S, S, 3]`` -> predicted label index per video, int64 ``[B]`` (torch eager)."""
         import torch
 
         with torch.inference_mode():
-            feats = self.model.encode_video(frames)  # [B, T, D]
-            logits = self.model.classify(feats, self.prototypes, self.text_feats)  # [B, N]
-        return logits.argmax(dim=1).numpy().astype(np.int64)
+            return self._head(self.model.encode_video(frames))  # feats [B, T, D]
+
+    def classify_fast(self, frames: np.ndarray) -> np.ndarray:
+        """The same on the chosen encoder runtime (torch eager when that is torch)."""
+        import torch
+
+        if self.runner is None:
+            return self.classify(frames)
+        feats = self.runner.encode_videos(frames)  # float32 [B, T, D]
+        with torch.inference_mode():
+            return self._head(torch.from_numpy(feats))
 
 
 # --------------------------------------------------------------------------------------- paths
 def ours(path: Path, classifier: Classifier, batch: int, limits: DecodeLimits) -> dict[str, Any]:
-    """``decode_windows`` once, then batched encoding and classification."""
+    """``decode_windows`` once, then batched encoding (the chosen runtime) and classification."""
     start, cpu_start = time.perf_counter(), time.process_time()
     windows = decode_windows(path, NUM_FRAMES, classifier.size, segment_s=SEGMENT_S, limits=limits)
     decoded = time.perf_counter()
-    predictions = np.concatenate([classifier.classify(windows.frames[first:first + batch])
+    predictions = np.concatenate([classifier.classify_fast(windows.frames[first:first + batch])
                                   for first in range(0, len(windows), batch)])
     end = time.perf_counter()
     return {"frames": windows.frames, "spans": windows.spans, "predictions": predictions,
@@ -197,7 +234,7 @@ def naive_window(path: Path, start_s: float, end_s: float, num_frames: int, size
 
 
 def naive(path: Path, spans: np.ndarray, classifier: Classifier) -> dict[str, Any]:
-    """Each window decoded on its own, then encoded and classified alone (batch 1)."""
+    """Each window decoded on its own, then encoded (torch eager) and classified alone (batch 1)."""
     decode_s = encode_s = 0.0
     frames, predictions = [], []
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -236,11 +273,18 @@ def _row(name: str, result: dict[str, Any], baseline: dict[str, Any], seconds: f
 
 
 def run(quick: bool = False, json_path: str | None = None, workdir: str | None = None, backbone: str | None = None,
-        batch: int = BATCH, seconds: float | None = None) -> dict[str, Any]:
+        batch: int = BATCH, seconds: float | None = None, runtime: str = "auto", precision: str = "fp32",
+        onnx_cache_dir: str | None = None) -> dict[str, Any]:
     """Generate (or reuse) the video, time both paths, print a table, write the JSON report if
     ``json_path`` is given; returns the report."""
     if not isinstance(batch, int) or batch < 1:
         raise BenchArgumentError(f"batch must be >= 1, got {batch!r}")
+    if runtime not in ("auto", "torch", "onnxruntime"):
+        raise BenchArgumentError(f"runtime must be auto, torch or onnxruntime, got {runtime!r}")
+    if precision not in ("fp32", "int8"):
+        raise BenchArgumentError(f"precision must be fp32 or int8, got {precision!r}")
+    if runtime == "torch" and precision != "fp32":
+        raise BenchArgumentError(f"precision={precision} needs the onnxruntime runtime (runtime=torch)")
     machine = machine_info()
     backbone = backbone or default_backbone(quick)
     spec = clip_spec(quick, seconds)
@@ -248,7 +292,7 @@ def run(quick: bool = False, json_path: str | None = None, workdir: str | None =
     limits = decode_limits(spec.seconds)
 
     setup_start = time.perf_counter()
-    classifier = Classifier(backbone)
+    classifier = Classifier(backbone, runtime=runtime, precision=precision, onnx_cache_dir=onnx_cache_dir)
     # The prototype set: five windows spread over the video, one per label (decoded apart from the runs).
     probe_windows = decode_windows(path, NUM_FRAMES, classifier.size, segment_s=SEGMENT_S, limits=limits)
     picks = np.linspace(0, len(probe_windows) - 1, len(LABELS)).round().astype(int)
@@ -257,7 +301,7 @@ def run(quick: bool = False, json_path: str | None = None, workdir: str | None =
     del probe_windows
     # Warm-up at both batch sizes, so neither path pays torch's first calls.
     warm = np.zeros((batch, NUM_FRAMES, classifier.size, classifier.size, 3), dtype=np.uint8)
-    classifier.classify(warm)
+    classifier.classify_fast(warm)
     classifier.classify(warm[:1])
     setup_s = time.perf_counter() - setup_start
 
@@ -266,8 +310,8 @@ def run(quick: bool = False, json_path: str | None = None, workdir: str | None =
 
     windows = len(spans)
     video_frames = round(spec.seconds * spec.fps)
-    rows = [_row("ours", ours_result, naive_result, spec.seconds, windows, video_frames),
-            _row("naive", naive_result, naive_result, spec.seconds, windows, video_frames)]
+    rows = [_row(f"ours ({classifier.encoder_name})", ours_result, naive_result, spec.seconds, windows, video_frames),
+            _row("naive (torch eager fp32)", naive_result, naive_result, spec.seconds, windows, video_frames)]
     frames_match = bool(np.array_equal(ours_result["frames"], naive_result["frames"]))
     agree = float(np.mean(ours_result["predictions"] == naive_result["predictions"]))
     speedup = rows[0]["speedup_vs_baseline"]
@@ -276,7 +320,9 @@ def run(quick: bool = False, json_path: str | None = None, workdir: str | None =
         "machine": {**machine, "load_avg_at_end": machine_info()["load_avg"]},
         "quick": quick,
         "settings": {"backbone": backbone, "num_frames": NUM_FRAMES, "size": classifier.size,
-                     "segment_s": SEGMENT_S, "stride_s": SEGMENT_S, "batch": batch, "labels": list(LABELS)},
+                     "segment_s": SEGMENT_S, "stride_s": SEGMENT_S, "batch": batch, "labels": list(LABELS),
+                     "runtime": classifier.runtime, "runtime_why": classifier.runtime_why,
+                     "precision": classifier.precision, "threads": classifier.threads},
         "clip": {"codec": "h264", "resolution": f"{spec.width}x{spec.height}", "duration_s": spec.seconds,
                  "fps": spec.fps, "keyframe_interval_s": spec.keyframe_s, "preset": spec.preset,
                  "bytes": path.stat().st_size},
@@ -289,7 +335,8 @@ def run(quick: bool = False, json_path: str | None = None, workdir: str | None =
                                             "met": bool(speedup is not None and speedup >= TARGET_SPEEDUP)}},
     }
     print(format_table(rows, COLUMNS))
-    print(f"{backbone}, {windows} windows of {SEGMENT_S:g} s, batch {batch}: frames match {frames_match}, "
+    print(f"{backbone}, {windows} windows of {SEGMENT_S:g} s, batch {batch}, ours on {classifier.encoder_name} "
+          f"({classifier.runtime_why}): frames match {frames_match}, "
           f"predictions agree {agree:.1%}; encoding is {encode_share:.0%} of our wall time")
     write_report(json_path, report)
     return report
@@ -303,9 +350,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=BATCH, help="windows per encoder call in our path")
     parser.add_argument("--seconds", type=float, help="video duration (default 600; quick 60)")
     parser.add_argument("--workdir", help="where the generated video is cached (default ~/.cache/fsar/bench-segments)")
+    parser.add_argument("--runtime", choices=["auto", "torch", "onnxruntime"], default="auto",
+                        help="our path's encoder runtime (default auto, as the embedded backend: ONNX Runtime on "
+                             "a CPU when installed); the baseline stays torch eager")
+    parser.add_argument("--precision", choices=["fp32", "int8"], default="fp32",
+                        help="ONNX Runtime graphs' precision (int8: dynamic quantisation)")
+    parser.add_argument("--onnx-cache-dir", help="where the ONNX graphs are cached (default ~/.cache/fsar/onnx)")
     args = parser.parse_args(argv)
     run(quick=args.quick, json_path=args.json_path, workdir=args.workdir, backbone=args.backbone,
-        batch=args.batch, seconds=args.seconds)
+        batch=args.batch, seconds=args.seconds, runtime=args.runtime, precision=args.precision,
+        onnx_cache_dir=args.onnx_cache_dir)
 
 
 if __name__ == "__main__":

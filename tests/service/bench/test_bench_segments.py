@@ -11,17 +11,20 @@ from service.bench.segments import clip_spec, run
 
 def test_quick_bench_reports_both_paths_with_the_same_frames_and_predictions(tmp_path):
     json_path = tmp_path / "segments.json"
-    report = run(quick=True, json_path=str(json_path), workdir=str(tmp_path / "clips"), seconds=8, batch=3)
+    report = run(quick=True, json_path=str(json_path), workdir=str(tmp_path / "clips"), seconds=8, batch=3,
+                 runtime="torch")
 
     assert json.loads(json_path.read_text()) == report
     assert report["quick"] is True
     assert {"platform", "cpu_count", "av", "torch", "load_avg_at_end"} <= report["machine"].keys()
     assert report["settings"] == {"backbone": "fsar-tiny", "num_frames": 8, "size": report["settings"]["size"],
                                   "segment_s": 2.0, "stride_s": 2.0, "batch": 3,
-                                  "labels": report["settings"]["labels"]}
+                                  "labels": report["settings"]["labels"], "runtime": "torch",
+                                  "runtime_why": "runtime=torch", "precision": "fp32",
+                                  "threads": report["settings"]["threads"]}
     assert report["clip"]["duration_s"] == 8 and report["clip"]["resolution"] == "640x360"
     ours, naive = report["results"]
-    assert (ours["path"], naive["path"]) == ("ours", "naive")
+    assert (ours["path"], naive["path"]) == ("ours (torch eager fp32)", "naive (torch eager fp32)")
     for row in (ours, naive):
         assert row["windows"] == 4 and row["video_frames"] == 240
         assert row["wall_s"] >= row["decode_s"] > 0 and row["encode_s"] > 0
@@ -34,6 +37,30 @@ def test_quick_bench_reports_both_paths_with_the_same_frames_and_predictions(tmp
     assert report["predictions_agree"] == 1.0
     target = report["targets"]["speedup_vs_baseline"]
     assert target["target"] == 3.0 and target["met"] == (target["value"] >= 3.0)
+
+
+def test_our_path_on_onnx_runtime_answers_as_the_torch_baseline(tmp_path):
+    pytest.importorskip("onnxruntime")
+    report = run(quick=True, workdir=str(tmp_path / "clips"), seconds=4, batch=2, runtime="onnxruntime",
+                 onnx_cache_dir=str(tmp_path / "onnx"))
+    ours, naive = report["results"]
+    assert (ours["path"], naive["path"]) == ("ours (onnxruntime fp32)", "naive (torch eager fp32)")
+    assert report["settings"]["runtime"] == "onnxruntime" and report["settings"]["precision"] == "fp32"
+    assert report["frames_match"] is True
+    assert report["predictions_agree"] == 1.0  # fp32 graphs answer as torch eager does
+    assert any((tmp_path / "onnx").iterdir())  # the graphs were built into the cache asked for
+
+
+def test_bad_runtime_or_precision_is_refused_before_any_work(tmp_path):
+    from service.bench.decode_pool import BenchArgumentError
+
+    with pytest.raises(BenchArgumentError, match="runtime must be auto, torch or onnxruntime"):
+        run(quick=True, workdir=str(tmp_path / "clips"), runtime="tensorrt")
+    with pytest.raises(BenchArgumentError, match="precision must be fp32 or int8"):
+        run(quick=True, workdir=str(tmp_path / "clips"), precision="fp16")
+    with pytest.raises(BenchArgumentError, match="precision=int8 needs the onnxruntime runtime"):
+        run(quick=True, workdir=str(tmp_path / "clips"), seconds=2, runtime="torch", precision="int8")
+    assert not (tmp_path / "clips").exists()  # refused before the video was generated
 
 
 def test_full_and_quick_videos():
