@@ -72,8 +72,12 @@ def autocast_context(device: torch.device, amp: str = "auto"):
 
 @torch.no_grad()
 def encode_split(model: FsarModel, dataset, *, batch_size: int = 16, num_workers: int = 0,
-                 amp: str = "auto", progress: bool = True, desc: str = "encode") -> EncodedSplit:
-    """Encode every video of ``dataset`` (a ``VideoDataset``) once; see :class:`EncodedSplit`."""
+                 amp: str = "auto", progress: bool = True, desc: str = "encode", runner: Any = None) -> EncodedSplit:
+    """Encode every video of ``dataset`` (a ``VideoDataset``) once; see :class:`EncodedSplit`.
+
+    ``runner``: encode with this :class:`training.model.runner.ModelRunner` instead of the model's torch
+    encoders (e.g. a :class:`training.onnx.OnnxModelRunner`: ONNX Runtime fp32 or int8), numpy in and out.
+    """
     from torch.utils.data import DataLoader
 
     from training.data import collate_supervised
@@ -83,13 +87,23 @@ def encode_split(model: FsarModel, dataset, *, batch_size: int = 16, num_workers
     was_training = model.training
     model.eval()
     device = model.device
-    text_feats = model.encode_text(dataset.label_texts).float()  # [C, D]
+    if runner is not None:
+        text_feats = torch.from_numpy(np.asarray(runner.encode_texts(list(dataset.label_texts)), dtype=np.float32))
+    else:
+        text_feats = model.encode_text(dataset.label_texts).float()  # [C, D]
     uses_text = model.config.uses_ma
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=collate_supervised)
     query_chunks, support_chunks, label_chunks = [], [], []
     for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
         frames, labels = batch["frames"], batch["labels"]
+        if runner is not None:
+            pixels = frames.numpy()
+            query_chunks.append(torch.from_numpy(runner.encode_videos(pixels)))  # [B, T, D]
+            if uses_text:
+                support_chunks.append(torch.from_numpy(runner.encode_videos(pixels, text_feats[labels].numpy())))
+            label_chunks.append(labels)
+            continue
         with autocast_context(device, amp):
             query_chunks.append(model.encode_video(frames).float().cpu())  # [B, T, D]
             if uses_text:
@@ -337,6 +351,85 @@ def baseline_table(checkpoint: Union[str, Path], data: Union[str, Path], split: 
               for r in rows]
     result = {"rows": rows, "table": "\n".join(lines), "way": way, "shot": shot, "query": query,
               "episodes": episodes, "seed": seed, "split": split, **info}
+    if json_path is not None:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+# --------------------------------------------------------------------------- precision
+def _cosines(a: Tensor, b: Tensor) -> Tensor:
+    """Cosine of each row of ``a`` with the same row of ``b`` (last dimension = features)."""
+    return torch.nn.functional.cosine_similarity(a.reshape(-1, a.shape[-1]).double(),
+                                                 b.reshape(-1, b.shape[-1]).double(), dim=-1)
+
+
+def precision_table(checkpoint: Optional[Union[str, Path]], data: Union[str, Path], split: str = "test",
+                    way: int = 5, shot: int = 1, query: int = 1, episodes: int = 2000,
+                    seed: int = DEFAULT_EVAL_SEED, json_path: Optional[Union[str, Path]] = None,
+                    batch_size: int = 16, num_workers: int = 2, *,
+                    model_config: Optional[Union[ModelConfig, dict]] = None, threads: Optional[int] = None,
+                    onnx_cache_dir: Optional[Union[str, Path]] = None, progress: bool = True) -> Dict[str, Any]:
+    """What the serving precision costs: the model's encoders on torch fp32, ONNX Runtime fp32 and ONNX
+    Runtime int8 (dynamic quantisation, the embedded backend's ``precision=int8``), on the same seeded
+    episodes of ``split``, on the CPU.
+
+    Each variant encodes the split once (:func:`encode_split` with its runner); the few-shot head (TPCM and
+    the metric) is the model's, in torch, for all three. Per row: accuracy +- 95% interval, the paired
+    difference to ONNX Runtime fp32 on the same episodes (mean +- 95% interval of the per-episode
+    differences), zero-shot accuracy, and the cosine of its features with ONNX Runtime fp32's: per
+    frame feature (query path: min and mean) and per label text (min).
+
+    Returns:
+        ``{"rows": [{"runtime", "precision", "accuracy", "ci95", "delta_vs_fp32", "delta_ci95",
+        "zero_shot_accuracy", "frame_cosine_min", "frame_cosine_mean", "text_cosine_min"}], "table":
+        markdown, "way", "shot", "query", "episodes", "seed", "split", "checkpoint", "checkpoint_hash",
+        "fingerprint"}``; also written to ``json_path``.
+    """
+    import os
+
+    from training.data import load_dataset
+    from training.onnx import OnnxModelRunner, onnx_available
+
+    if not onnx_available():
+        raise RuntimeError("comparing precisions needs onnxruntime, onnx and onnxscript: pip install 'fsar[onnx]'")
+    for name, value in (("way", way), ("shot", shot), ("query", query), ("episodes", episodes)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    model, info = load_for_eval(checkpoint, model_config, "cpu")  # the ONNX graphs are CPU fp32 exports
+    model = model.float().eval()
+    dataset = load_dataset(data, split, num_frames=model.num_frames, size=model.image_size[0], mode="test")
+    if len(dataset.classes) < way:
+        raise ValueError(f"split {split!r} has {len(dataset.classes)} classes; a {way}-way episode needs {way}")
+    threads = threads or max(1, os.cpu_count() or 1)
+    variants: Dict[str, tuple] = {}
+    for runtime, precision in (("torch", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "int8")):
+        runner = None if runtime == "torch" else OnnxModelRunner.build(model, precision, threads, cache_dir=onnx_cache_dir)
+        encoded = encode_split(model, dataset, batch_size=batch_size, num_workers=num_workers, progress=progress,
+                               desc=f"encode {split} ({runtime} {precision})", runner=runner)
+        accuracies = episode_accuracies(model, encoded, way=way, shot=shot, query=query, episodes=episodes,
+                                        seed=seed, progress=progress)
+        variants[f"{runtime} {precision}"] = (runtime, precision, encoded, accuracies)
+    _, _, reference, reference_acc = variants["onnxruntime fp32"]
+    rows = []
+    for name, (runtime, precision, encoded, accuracies) in variants.items():
+        accuracy, ci95 = mean_ci95(accuracies)
+        delta, delta_ci = mean_ci95(accuracies - reference_acc)
+        frames = _cosines(encoded.query_feats, reference.query_feats)
+        rows.append({"runtime": runtime, "precision": precision, "accuracy": accuracy, "ci95": ci95,
+                     "delta_vs_fp32": delta, "delta_ci95": delta_ci,
+                     "zero_shot_accuracy": zero_shot_accuracy(model, encoded),
+                     "frame_cosine_min": float(frames.min()), "frame_cosine_mean": float(frames.mean()),
+                     "text_cosine_min": float(_cosines(encoded.text_feats, reference.text_feats).min())})
+    lines = [f"| encoder ({split}, {way}-way {shot}-shot, {episodes} episodes) | accuracy % | vs ONNX Runtime fp32 "
+             f"(same episodes) | zero-shot % | frame cosine to fp32: min / mean | text cosine min |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['runtime']} {r['precision']} | {r['accuracy']:.2f} ± {r['ci95']:.2f} | "
+              f"{r['delta_vs_fp32']:+.2f} ± {r['delta_ci95']:.2f} | {r['zero_shot_accuracy']:.1f} | "
+              f"{r['frame_cosine_min']:.5f} / {r['frame_cosine_mean']:.5f} | {r['text_cosine_min']:.5f} |"
+              for r in rows]
+    result = {"rows": rows, "table": "\n".join(lines), "way": way, "shot": shot, "query": query,
+              "episodes": episodes, "seed": seed, "split": split, **info, "fingerprint": model.fingerprint()}
     if json_path is not None:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(result, indent=2) + "\n")

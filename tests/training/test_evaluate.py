@@ -119,3 +119,39 @@ def test_baseline_table_compares_trained_with_untrained_and_frame_mean(synth_roo
     assert all(0.0 <= row["accuracy"] <= 100.0 and row["ci95"] >= 0.0 for row in result["rows"])
     assert "| trained adapters + OTAM |" in result["table"]
     assert json.loads((tmp_path / "table.json").read_text())["rows"][0]["method"] == methods[0]
+
+
+def test_precision_table_compares_torch_onnx_fp32_and_int8_on_the_same_episodes(synth_root, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from training.evaluate import precision_table
+
+    torch.manual_seed(0)
+    table = precision_table(None, synth_root, split="test", episodes=60, num_workers=0, model_config=TINY,
+                            threads=1, onnx_cache_dir=tmp_path / "onnx", json_path=tmp_path / "precision.json",
+                            progress=False)
+    rows = {(r["runtime"], r["precision"]): r for r in table["rows"]}
+    assert list(rows) == [("torch", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "int8")]
+    fp32, torch_row, int8 = rows["onnxruntime", "fp32"], rows["torch", "fp32"], rows["onnxruntime", "int8"]
+    # The reference row compares with itself; torch and ONNX Runtime fp32 are the same features.
+    assert (fp32["delta_vs_fp32"], fp32["delta_ci95"], fp32["frame_cosine_min"]) == (0.0, 0.0, pytest.approx(1.0))
+    assert torch_row["frame_cosine_min"] > 0.99999 and torch_row["text_cosine_min"] > 0.99999
+    # int8 changes the features a little, measurably, and its accuracy is reported on the same episodes.
+    assert 0.9 < int8["frame_cosine_min"] < 0.999999 and int8["frame_cosine_mean"] >= int8["frame_cosine_min"]
+    assert int8["delta_ci95"] >= 0.0 and 0.0 <= int8["accuracy"] <= 100.0
+    assert int8["delta_vs_fp32"] == pytest.approx(int8["accuracy"] - fp32["accuracy"])
+    assert "onnxruntime int8" in table["table"] and table["episodes"] == 60
+    assert json.loads((tmp_path / "precision.json").read_text())["rows"][2]["precision"] == "int8"
+
+
+def test_fsar_eval_precision_prints_the_table_and_refuses_other_modes(tmp_path):
+    import subprocess
+    import sys
+
+    pytest.importorskip("onnxruntime")
+    root = __import__("pathlib").Path(__file__).resolve().parents[2]
+    refused = subprocess.run([sys.executable, "-m", "service.cli", "eval", "--checkpoint", str(tmp_path / "none.pt"),
+                              "--data", str(tmp_path), "--precision", "--open-set"], cwd=root, capture_output=True,
+                             text=True, timeout=120)
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == ("error: --precision compares encoders with the checkpoint's own metric; leave "
+                                      "out --open-set, --baselines and --metric")
