@@ -27,6 +27,7 @@ export is noticed (a new fingerprint) instead of serving stale caches.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import Any, Sequence
 
@@ -141,6 +142,8 @@ class TritonBackend(Backend):
             "device": f"triton {self.url}",
             "demo": bool(self.settings.demo),
             "triton_url": self.url,
+            # thresholds `fsar eval --open-set --record` measured for the exported checkpoint (none: the defaults)
+            **({"open_set": json.loads(params["fsar_open_set"])} if params.get("fsar_open_set") else {}),
         }
 
     # ------------------------------------------------------------------ requests
