@@ -6,6 +6,7 @@ look-up counts a hit or a miss (`fsar_cache_requests_total{cache}`).
 """
 from __future__ import annotations
 
+import asyncio
 from typing import Awaitable, Callable
 
 import numpy as np
@@ -25,6 +26,10 @@ from service.telemetry import Metrics
 #: Videos per backend `encode_videos` call.
 ENCODE_BATCH = 8
 
+#: Calls of one request in flight at once behind a backend that does not say how many model calls it
+#: runs together (Triton: its dynamic batcher merges them on the GPU).
+REMOTE_ENCODE_LANES = 4
+
 
 #: Windows of a long video decoded and encoded together (about 38 MB of frames at 8 x 224 px).
 WINDOW_CHUNK = 32
@@ -42,14 +47,38 @@ class Features:
         self._metrics = metrics
         self._cache_ttl_s = cache_ttl_s
 
+    def encode_lanes(self) -> int:
+        """How many `encode_videos` calls of one request may be in flight at once: the embedded
+        backend's `encode_concurrency` (its model calls run side by side, each on its share of the
+        cores), else `REMOTE_ENCODE_LANES`. More would only queue a long request's batches ahead of
+        other requests' in the model pool."""
+        lanes = self._model.info.get("encode_concurrency")
+        return max(1, int(lanes)) if isinstance(lanes, int) else REMOTE_ENCODE_LANES
+
     async def encode_videos(self, clips: list[np.ndarray], text_feats: np.ndarray | None) -> np.ndarray:
-        """Features `[B, T, D]` of B clips `[T, S, S, 3]`, in batches of `ENCODE_BATCH`; `text_feats`
-        `[B, D]` (the clips' label texts) for the support branch, None for queries."""
-        outputs = []
-        for start in range(0, len(clips), ENCODE_BATCH):
-            frames = np.stack(clips[start:start + ENCODE_BATCH])
-            texts = None if text_feats is None else text_feats[start:start + ENCODE_BATCH]
-            outputs.append(await self._backend.encode_videos(frames, texts))
+        """Features `[B, T, D]` of B clips `[T, S, S, 3]`, in batches of `ENCODE_BATCH` (up to
+        `encode_lanes()` batches in flight, so a long video or a large set uses every model lane, not
+        one); `text_feats` `[B, D]` (the clips' label texts) for the support branch, None for queries."""
+        starts = range(0, len(clips), ENCODE_BATCH)
+        lanes = asyncio.Semaphore(self.encode_lanes())
+
+        async def batch(start: int) -> np.ndarray:
+            async with lanes:
+                frames = np.stack(clips[start:start + ENCODE_BATCH])
+                texts = None if text_feats is None else text_feats[start:start + ENCODE_BATCH]
+                return await self._backend.encode_videos(frames, texts)
+
+        if len(starts) == 1:
+            outputs = [await batch(0)]
+        else:
+            tasks = [asyncio.ensure_future(batch(start)) for start in starts]
+            try:
+                outputs = await asyncio.gather(*tasks)
+            except BaseException:  # one batch failed or the request was cancelled: stop the others
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
         return np.concatenate(outputs).astype(np.float32, copy=False)
 
     async def text(self, labels: list[str]) -> np.ndarray:

@@ -106,3 +106,29 @@ async def test_window_bounds_and_limits(video: bytes) -> None:
             assert_error(await classify(client, video, support_set_id=set_id, **fields), 422)
         ok = await classify(client, video, support_set_id=set_id, segment_seconds="6")
         assert ok.status_code == 200 and len(ok.json()["segments"]) == 10
+
+
+async def test_a_long_video_is_encoded_on_every_model_lane_with_the_same_answers(video: bytes) -> None:
+    """30 windows = 4 encoder batches: with two model lanes, two batches run at once (not one after
+    another), and the segments come out exactly as with one lane."""
+    answers = {}
+    for lanes in (1, 2):
+        async with running(tiny_settings(encode_concurrency=lanes)) as (client, service):
+            backend = service.backend
+            real_encode, in_flight, most = backend.encode_videos, [0], [0]
+
+            async def spy(frames, text_feats=None):  # the real backend call, counted
+                in_flight[0] += 1
+                most[0] = max(most[0], in_flight[0])
+                try:
+                    return await real_encode(frames, text_feats)
+                finally:
+                    in_flight[0] -= 1
+
+            set_id = (await register(client, [(class_video(c, 0), LABELS[c]) for c in range(3)]))["id"]
+            backend.encode_videos = spy
+            response = await classify(client, video, support_set_id=set_id, segment_seconds="2")
+            assert response.status_code == 200, response.text
+            assert most[0] == lanes, (lanes, most[0])
+            answers[lanes] = response.json()["segments"]
+    assert answers[1] == answers[2]
