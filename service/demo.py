@@ -239,7 +239,7 @@ def run_demo(workdir: Path = DEFAULT_WORKDIR, host: str = "127.0.0.1", port: Opt
         n = len(result.samples)
         say(f"few-shot top-1: {result.few_shot_correct}/{n} correct; frame-mean baseline on the same clips: "
             f"{result.frame_mean_correct}/{n}; zero-shot top-1: {zero_correct}/{n} (chance {chance:.0%}).")
-        say("The demo model is a tiny CLIP whose image tower had a minute of stand-in pretraining on synthetic "
+        say("The demo model is a tiny CLIP whose image tower had a few minutes of stand-in pretraining on synthetic "
             "pictures; its text tower is random, so zero-shot here is noise. Serve real CLIP weights for real "
             "zero-shot.")
         first = Path(result.samples[0]["path"]) if result.samples else by_class[classes[0]][0]

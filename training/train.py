@@ -31,7 +31,6 @@ through :mod:`training.checkpoint`.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import logging
 import math
 import os
@@ -631,8 +630,10 @@ def _prepare_backbone(cfg: TrainConfig, out: Path, info: DistInfo, progress: boo
     import json
 
     weights, record = out / PRETRAINED_BACKBONE, out / (PRETRAINED_BACKBONE + ".json")
-    settings = {k: v for k, v in dataclasses.asdict(cfg.pretrain).items() if k != "use_shipped"}
-    wanted = {"backbone": model_config.backbone, "settings": settings}
+    from training.pretrain import pretrain_recipe
+
+    # The settings and the caption generator: a backbone.pt made by an older recipe is made again.
+    wanted = {"backbone": model_config.backbone, "settings": pretrain_recipe(cfg.pretrain)}
     if info.is_main:
         have = json.loads(record.read_text()) if record.is_file() and weights.is_file() else None
         if have is None or {k: have.get(k) for k in wanted} != wanted:

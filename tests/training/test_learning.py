@@ -11,7 +11,8 @@ import torch
 from training.checkpoint import load_checkpoint
 from training.config import PretrainConfig, load_config
 from training.model import ModelConfig, build_model
-from training.pretrain import (export_visual, pretrain_backbone, restore_backbone, shipped_visual_path)
+from training.pretrain import (export_visual, pretrain_backbone, pretrain_recipe, restore_backbone,
+                               shipped_visual_path)
 from training.train import train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -81,6 +82,9 @@ def test_shipped_image_tower_rebuilds_what_pretraining_writes(tmp_path):
     a, b = torch.load(made, weights_only=True), torch.load(rebuilt, weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert restore_backbone(shipped, rebuilt, PretrainConfig(steps=3, batch_size=8), "fsar-tiny") is None
+    # A tower pretrained on other captions (the recipe names its caption generator) is not restored.
+    export_visual(made, shipped, settings, "fsar-tiny", captions="scenes-v2")
+    assert restore_backbone(shipped, rebuilt, settings, "fsar-tiny") is None
 
 
 def test_the_shipped_asset_matches_the_preset_and_its_recorded_hash():
@@ -90,7 +94,8 @@ def test_the_shipped_asset_matches_the_preset_and_its_recorded_hash():
     record = torch.load(path, weights_only=True)
     preset = load_config("synthetic-tiny").pretrain
     assert record["backbone"] == "fsar-tiny"
-    assert record["settings"] == {k: v for k, v in vars(preset).items() if k != "use_shipped"}
+    assert record["settings"] == pretrain_recipe(preset)
+    assert record["settings"]["captions"] == "shapes-v1"
     expected = json.loads(path.with_suffix(".json").read_text())["visual_sha256"]
     assert state_hash(record["visual"]) == expected
 
