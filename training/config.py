@@ -145,7 +145,7 @@ class PretrainConfig:
     warmup_steps: int = 20
     seed: int = 0
     # Rebuild the weights from training/assets/<backbone>-standin-visual.pt when that file was made
-    # with these settings (seconds instead of minutes; `fsar pretrain-asset` remakes it).
+    # with these settings (seconds instead of minutes; `python -m training.pretrain` remakes it).
     use_shipped: bool = True
 
 

@@ -81,7 +81,7 @@ def _refusal(root: Path, out: Path, overrides: List[str], config: str = "synthet
 
 
 def test_two_class_validation_split_stops_in_seconds_naming_val_way(synth_root, tmp_path, no_work):
-    """The case from the field, on real videos with the preset's 1000-step stand-in pretraining on."""
+    """The case from the field, on real videos with the preset's stand-in pretraining on."""
     root = tmp_path / "data"
     root.mkdir()
     (root / "videos").symlink_to(synth_root / "videos")
