@@ -5,7 +5,7 @@
 - :func:`process_tree`, :func:`children`, :func:`process_memory`, :func:`process_tree_memory`,
   :func:`process_tree_cpu_seconds`, :func:`reset_peak_rss`, :func:`rss_mb`: memory and CPU of a process and its
   descendants, from Linux ``/proc``;
-- re-exported from :mod:`service.procs`: :func:`free_port`, :func:`parent_death_signal`,
+- re-exported from :mod:`service.procs`: :func:`free_port`, :func:`with_parent_death_signal`,
   :func:`group_alive`, :func:`wait_group_gone`, :func:`kill_process_group`, :func:`stop_process`.
 
 Imports only the standard library and :mod:`service.procs`, so product code (``fsar demo``) may
@@ -32,9 +32,9 @@ from service.procs import (
     free_port,
     group_alive,
     kill_process_group,
-    parent_death_signal,
     stop_process,
     wait_group_gone,
+    with_parent_death_signal,
 )
 
 if TYPE_CHECKING:
@@ -42,8 +42,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "GatewayError", "LiveGateway", "RedisServer", "RedisServerError", "children", "delete_redis_prefix",
-    "free_port", "group_alive", "kill_process_group", "parent_death_signal", "process_memory", "process_tree", "process_tree_cpu_seconds",
-    "process_tree_memory", "reset_peak_rss", "rss_mb", "stop_process", "wait_group_gone",
+    "free_port", "group_alive", "kill_process_group", "process_memory", "process_tree", "process_tree_cpu_seconds",
+    "process_tree_memory", "reset_peak_rss", "rss_mb", "stop_process", "wait_group_gone", "with_parent_death_signal",
 ]
 
 MIB = 1024 * 1024
@@ -140,9 +140,9 @@ def reset_peak_rss(pid: int) -> None:
 def _spawn(command: Sequence[str], log: IO[bytes] | int, env: Mapping[str, str] | None,
            cwd: str | os.PathLike | None) -> subprocess.Popen:
     """``command`` in its own session (process group), killed by the kernel when this thread ends."""
-    return subprocess.Popen(list(command), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                            env=dict(env) if env is not None else None, cwd=cwd,
-                            start_new_session=True, preexec_fn=parent_death_signal())
+    return subprocess.Popen(with_parent_death_signal(command), stdin=subprocess.DEVNULL, stdout=log,
+                            stderr=subprocess.STDOUT, env=dict(env) if env is not None else None, cwd=cwd,
+                            start_new_session=True)
 
 
 def _tail(text: str, lines: int) -> str:

@@ -1,7 +1,7 @@
 """Child-process helpers shared by the product and its test/benchmark harness (standard library only).
 
 - :func:`free_port`: a TCP port nobody listens on right now;
-- :func:`parent_death_signal`: a ``preexec_fn`` that makes the kernel kill a child with its parent;
+- :func:`with_parent_death_signal`: a command that the kernel kills with its parent (``setpriv --pdeathsig``);
 - :func:`group_alive`, :func:`wait_group_gone`, :func:`kill_process_group`: a child started with
   ``start_new_session=True`` leads its own process group, and these see and end the whole group
   (its own children included);
@@ -12,17 +12,16 @@ and ``service.harness`` can both use it.
 """
 from __future__ import annotations
 
-import ctypes
-import functools
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import time
-from typing import Callable
+from typing import Sequence
 
-__all__ = ["free_port", "group_alive", "kill_process_group", "parent_death_signal", "stop_process",
-           "wait_group_gone"]
+__all__ = ["free_port", "group_alive", "kill_process_group", "stop_process", "wait_group_gone",
+           "with_parent_death_signal"]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -32,15 +31,20 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def parent_death_signal() -> Callable[[], None]:
-    """A ``preexec_fn`` that asks the kernel to SIGKILL the child when the starting thread dies.
+def with_parent_death_signal(command: Sequence[str]) -> list[str]:
+    """``command`` run through ``setpriv --pdeathsig KILL`` (util-linux), which asks the kernel to
+    SIGKILL it when the thread that started it dies, then execs it (same process, same pid); the
+    command unchanged where ``setpriv`` is missing (the child then outlives a crashed parent).
 
-    ``prctl`` is looked up here, in the parent, so the forked child only makes the call (no
-    ``dlopen`` between fork and exec, which could deadlock in a multi-threaded parent).
+    This replaces a ``preexec_fn`` calling ``prctl``: with a ``preexec_fn`` CPython runs Python in the
+    forked child of a multi-threaded parent, and the child hung there deallocating another thread's
+    PyAV reformatter (``sws_freeContext`` joining slice threads that only exist in the parent), which
+    stalled a test run for good.
     """
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    pr_set_pdeathsig = 1
-    return functools.partial(prctl, pr_set_pdeathsig, int(signal.SIGKILL))
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        return list(command)
+    return [setpriv, "--pdeathsig", "KILL", "--", *command]
 
 
 def group_alive(pgid: int) -> bool:

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping, Optional, Sequence, Union
 
-from service.procs import free_port, kill_process_group, parent_death_signal, stop_process, wait_group_gone
+from service.procs import free_port, kill_process_group, stop_process, wait_group_gone, with_parent_death_signal
 
 PYTRITON_VERSION = "0.7.0"
 TRITON_VERSION = "2.51.0"
@@ -427,10 +427,10 @@ class LocalTritonServer:
         started = time.monotonic()
         with open(self.log_path, "wb") as log:
             self._proc = subprocess.Popen(
-                self.command(dist),
+                with_parent_death_signal(self.command(dist)),
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 env=self.environment(dist), cwd=str(self.repository),
-                start_new_session=True, preexec_fn=parent_death_signal(),
+                start_new_session=True,
             )
         pgid = self._proc.pid
         # Runs when this object is collected or, at the latest, when the interpreter exits.
