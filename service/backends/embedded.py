@@ -89,6 +89,10 @@ class EmbeddedBackend(Backend):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.encode_concurrency = encode_concurrency_for(settings, self.device.type)
         self._pool = ThreadPoolExecutor(max_workers=self.encode_concurrency, thread_name_prefix="fsar-model")
+        # The few-shot head (prototypes, Q2S/Q2T logits, explain) takes milliseconds; on a lane of its own
+        # a request's matching does not wait behind other requests' encodes (bench e2e: match 362 ms p50
+        # at concurrency 4 while it queued in the model pool).
+        self._head_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fsar-head")
         self._threads_before: int | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -166,6 +170,7 @@ class EmbeddedBackend(Backend):
 
     async def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._head_pool.shutdown(wait=True, cancel_futures=True)
         self.runner = None
         if self._threads_before is not None:
             torch.set_num_threads(self._threads_before)
@@ -205,13 +210,13 @@ class EmbeddedBackend(Backend):
         return self._info
 
     # ------------------------------------------------------------------ model calls
-    async def _run(self, fn: Callable[[ModelRunner], T]) -> T:
-        """`fn(runner)` in the model thread pool."""
+    async def _run(self, fn: Callable[[ModelRunner], T], *, head: bool = False) -> T:
+        """`fn(runner)` in the model thread pool (`head`: on the few-shot head's own lane)."""
         runner = self.runner
         if runner is None:
             raise BackendUnavailable("The embedded model is not loaded.")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, fn, runner)
+        return await loop.run_in_executor(self._head_pool if head else self._pool, fn, runner)
 
     async def encode_videos(self, frames: np.ndarray, text_feats: np.ndarray | None = None) -> np.ndarray:
         """uint8 `[B, T, H, W, 3]` (+ float32 `[B, D]` support texts) -> float32 `[B, T, D]`."""
@@ -224,17 +229,18 @@ class EmbeddedBackend(Backend):
     async def build_prototypes(self, support_feats: np.ndarray, support_labels: np.ndarray,
                                text_feats: np.ndarray) -> np.ndarray:
         """`[S, T, D]`, int `[S]`, `[N, D]` -> float32 `[N, T, D]`."""
-        return await self._run(lambda runner: runner.build_prototypes(support_feats, support_labels, text_feats))
+        return await self._run(lambda runner: runner.build_prototypes(support_feats, support_labels, text_feats),
+                               head=True)
 
     async def classify(self, query_feats: np.ndarray, prototypes: np.ndarray,
                        text_feats: np.ndarray | None = None, metric: str | None = None) -> np.ndarray:
         """`[Q, T, D]`, `[N, T, D]` (+ `[N, D]`) -> logits `[Q, N]`."""
-        return await self._run(lambda runner: runner.classify(query_feats, prototypes, text_feats, metric))
+        return await self._run(lambda runner: runner.classify(query_feats, prototypes, text_feats, metric), head=True)
 
     async def zero_shot(self, query_feats: np.ndarray, text_feats: np.ndarray) -> np.ndarray:
         """`[Q, T, D]`, `[N, D]` -> logits `[Q, N]`."""
-        return await self._run(lambda runner: runner.zero_shot(query_feats, text_feats))
+        return await self._run(lambda runner: runner.zero_shot(query_feats, text_feats), head=True)
 
     async def explain(self, query_feats: np.ndarray, prototypes: np.ndarray) -> dict[str, np.ndarray]:
         """`[Q, T, D]`, `[N, T, D]` -> similarity `[Q, N, T, T]`, alignment `[Q, N, 2, T, T]`."""
-        return await self._run(lambda runner: runner.explain(query_feats, prototypes))
+        return await self._run(lambda runner: runner.explain(query_feats, prototypes), head=True)
