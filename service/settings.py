@@ -73,9 +73,9 @@ class Settings(BaseSettings):
                                 "disappear join or leave the pool).")
     encode_concurrency: int | None = Field(
         None, ge=1,
-        description="Model calls running at once (embedded: threads of the encode pool). Unset or 'auto': on CPU "
-                    "min(4, cores) calls sharing the cores the decode workers leave, at least one thread each; "
-                    "on a GPU 1.")
+        description="Encoder calls running at once (embedded: threads of the encode pool; the few-shot head has a "
+                    "lane of its own). Unset or 'auto': on CPU min(4, cores) calls sharing the cores the decode "
+                    "workers leave, at least one thread each; on a GPU 1.")
 
     # ------------------------------------------------------------------ store
     redis_url: str | None = Field(
