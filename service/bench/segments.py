@@ -17,7 +17,7 @@ in a full run), 8 frames a window at the model's input size (224 px; fsar-tiny: 
   same resize/crop as ours), then encode and classify that window alone (batch 1).
 
 Both paths use the same model (``backbone`` with random weights, seed 0, built as the embedded
-backend builds it; torch and ONNX Runtime with one intra-op thread per core) and the same prototype set: a 5-way 1-shot set of
+backend builds it; torch and ONNX Runtime with torch's default intra-op threads, one per core) and the same prototype set: a 5-way 1-shot set of
 five windows of the video itself with the labels of ``service.bench.common.LABELS``, built once
 before timing (``setup_s``). ``frames_match`` checks the two paths fed the model identical frames;
 ``predictions_agree`` is the share of windows where both predicted the same label.
@@ -131,8 +131,6 @@ class Classifier:
 
     def __init__(self, backbone: str, labels: Sequence[str] = LABELS, seed: int = 0, runtime: str = "auto",
                  precision: str = "fp32", threads: int | None = None, onnx_cache_dir: str | None = None) -> None:
-        import os
-
         import torch
 
         from service.backends.embedded import choose_runtime
@@ -142,8 +140,9 @@ class Classifier:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.model = build_model(config).eval()
-        self.threads = threads or os.cpu_count() or 1
-        torch.set_num_threads(self.threads)
+        if threads:  # else torch's own default (one thread per core), left as it is for the caller
+            torch.set_num_threads(threads)
+        self.threads = torch.get_num_threads()
         self.runtime, self.runtime_why = choose_runtime(runtime, "cpu")
         if self.runtime == "torch" and precision != "fp32":
             raise BenchArgumentError(f"precision={precision} needs the onnxruntime runtime ({self.runtime_why})")
