@@ -99,7 +99,9 @@ class Prediction(BaseModel):
 
 
 class Timings(BaseModel):
-    decode: float = Field(description="Milliseconds decoding the query video (0 on a cache hit).")
+    decode: float = Field(description="Milliseconds decoding the query video (0 on a cache hit). With "
+                                      "`segment_seconds` later windows decode while earlier ones encode, so "
+                                      "decode + encode can exceed the request's wall time.")
     encode: float = Field(description="Milliseconds encoding the query video and label texts.")
     match: float = Field(description="Milliseconds fetching prototypes and matching.")
 

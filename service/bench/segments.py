@@ -57,6 +57,7 @@ import numpy as np
 from service.bench.common import LABELS, NUM_FRAMES, default_workdir, format_table, machine_info, ratio, write_report
 from service.bench.decode import ClipSpec, make_clip
 from service.bench.decode_pool import BenchArgumentError
+from service.core.features import WINDOW_CHUNK
 from training.video import DecodeLimits, decode_windows, frame_to_square
 
 SEGMENT_S = 2.0
@@ -194,17 +195,49 @@ class Classifier:
 
 
 # --------------------------------------------------------------------------------------- paths
-def ours(path: Path, classifier: Classifier, batch: int, limits: DecodeLimits) -> dict[str, Any]:
-    """``decode_windows`` once, then batched encoding (the chosen runtime) and classification."""
+def ours(path: Path, classifier: Classifier, batch: int, limits: DecodeLimits, overlap: bool = True) -> dict[str, Any]:
+    """The gateway's path (``Features.query_windows``): the video in pieces of ``WINDOW_CHUNK`` windows,
+    each piece one ``decode_windows`` plan over its stretch of the file, then encoded in batches (the
+    chosen runtime) and classified; with ``overlap`` the next piece decodes in a worker thread while
+    this one encodes (``decode_s`` and ``encode_s`` then overlap: ``wall_s`` is the end-to-end time)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def decode_piece(first: int) -> tuple[Any, float]:
+        began = time.perf_counter()
+        piece = decode_windows(path, NUM_FRAMES, classifier.size, segment_s=SEGMENT_S, limits=limits,
+                               only=(first, first + WINDOW_CHUNK))
+        return piece, time.perf_counter() - began
+
+    decode_s = encode_s = 0.0
+    frames, spans, predictions, distinct = [], [], [], 0
     start, cpu_start = time.perf_counter(), time.process_time()
-    windows = decode_windows(path, NUM_FRAMES, classifier.size, segment_s=SEGMENT_S, limits=limits)
-    decoded = time.perf_counter()
-    predictions = np.concatenate([classifier.classify_fast(windows.frames[first:first + batch])
-                                  for first in range(0, len(windows), batch)])
+    with ThreadPoolExecutor(1, thread_name_prefix="bench-decode") as pool:
+        pending: Any = pool.submit(decode_piece, 0) if overlap else None
+        first = 0
+        while True:
+            if pending is not None:
+                piece, seconds = pending.result()
+                pending = None
+            else:
+                piece, seconds = decode_piece(first)
+            decode_s += seconds
+            if not len(piece):
+                break
+            first = piece.first + len(piece)
+            if overlap and first < piece.total:
+                pending = pool.submit(decode_piece, first)
+            began = time.perf_counter()
+            predictions.extend(classifier.classify_fast(piece.frames[b:b + batch]) for b in range(0, len(piece), batch))
+            encode_s += time.perf_counter() - began
+            frames.append(piece.frames)
+            spans.append(piece.spans)
+            distinct += piece.distinct_frames
+            if first >= piece.total:
+                break
     end = time.perf_counter()
-    return {"frames": windows.frames, "spans": windows.spans, "predictions": predictions,
-            "decode_s": decoded - start, "encode_s": end - decoded, "wall_s": end - start,
-            "cpu_s": time.process_time() - cpu_start, "distinct_frames": windows.distinct_frames}
+    return {"frames": np.concatenate(frames), "spans": np.concatenate(spans), "predictions": np.concatenate(predictions),
+            "decode_s": decode_s, "encode_s": encode_s, "wall_s": end - start,
+            "cpu_s": time.process_time() - cpu_start, "distinct_frames": distinct}
 
 
 def naive_window(path: Path, start_s: float, end_s: float, num_frames: int, size: int) -> np.ndarray:

@@ -21,6 +21,7 @@ from service.core.timings import Timings
 from service.core.uploads import Upload
 from service.errors import Conflict
 from service.store.base import Batch
+from training.video import Windows
 from service.telemetry import Metrics
 
 #: Videos per backend `encode_videos` call.
@@ -121,7 +122,8 @@ class Features:
 
         The video is taken in pieces of `WINDOW_CHUNK` windows (bounded memory however long it is):
         each piece is one decoding plan over its stretch of the file in a decode worker, then encoded in
-        batches. `await progress(done_s, total_s)`, if given, follows each piece."""
+        batches, and the next piece decodes while one encodes (so `timings`' decode and encode overlap).
+        `await progress(done_s, total_s)`, if given, follows each piece."""
         model = self._model
         feats_key, spans_key = (keys.query_windows_cache_key(tenant, model.fingerprint, model.sampling, upload.sha256,
                                                              segment_s, stride_s, part) for part in ("feats", "spans"))
@@ -132,19 +134,33 @@ class Features:
             return cached_feats, cached_spans, True
         feats: list[np.ndarray] = []
         spans: list[np.ndarray] = []
-        first, total = 0, None
-        while total is None or first < total:
+
+        async def decode_piece(first: int) -> Windows:
             with timings.measure("decode"):
-                piece = await self._decoder.decode_windows(upload, segment_s, stride_s, (first, first + WINDOW_CHUNK))
-            total = piece.total
-            if not len(piece):
-                break
-            with timings.measure("encode"):
-                feats.append(await self.encode_videos(list(piece.frames), None))  # [w, T, D]
-            spans.append(piece.spans)
-            first += len(piece)
-            if progress is not None:
-                await progress(float(piece.spans[-1, 1]), float(piece.duration_s))
+                return await self._decoder.decode_windows(upload, segment_s, stride_s, (first, first + WINDOW_CHUNK))
+
+        # The next piece decodes (in a decode worker) while this one encodes: the stages overlap, so a
+        # long video costs about max(decode, encode) rather than their sum, and two pieces at most are
+        # held in memory.
+        pending: asyncio.Future[Windows] | None = asyncio.ensure_future(decode_piece(0))
+        try:
+            while pending is not None:
+                piece = await pending
+                pending = None
+                if not len(piece):
+                    break
+                done = int(piece.first) + len(piece)
+                if done < piece.total:
+                    pending = asyncio.ensure_future(decode_piece(done))
+                with timings.measure("encode"):
+                    feats.append(await self.encode_videos(list(piece.frames), None))  # [w, T, D]
+                spans.append(piece.spans)
+                if progress is not None:
+                    await progress(float(piece.spans[-1, 1]), float(piece.duration_s))
+        finally:
+            if pending is not None:  # an encode failed or the request was cancelled: stop the next decode
+                pending.cancel()
+                await asyncio.gather(pending, return_exceptions=True)
         all_feats = np.concatenate(feats).astype(np.float32, copy=False)  # [W, T, D]
         all_spans = np.concatenate(spans).astype(np.float64, copy=False)  # [W, 2]
         batch = Batch()

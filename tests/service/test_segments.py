@@ -132,3 +132,76 @@ async def test_a_long_video_is_encoded_on_every_model_lane_with_the_same_answers
             assert most[0] == lanes, (lanes, most[0])
             answers[lanes] = response.json()["segments"]
     assert answers[1] == answers[2]
+
+
+async def test_the_next_piece_decodes_while_this_one_encodes(video: bytes, monkeypatch) -> None:
+    """With pieces of one encoder batch (30 windows = 4 pieces), the decode of piece k+1 starts before
+    the encode of piece k ends, and the segments are exactly those of the default piece size."""
+    from service.core import features
+
+    answers = {}
+    for chunk in (features.WINDOW_CHUNK, features.ENCODE_BATCH):
+        monkeypatch.setattr(features, "WINDOW_CHUNK", chunk)
+        async with running(tiny_settings(encode_concurrency=1)) as (client, service):
+            set_id = (await register(client, [(class_video(c, 0), LABELS[c]) for c in range(3)]))["id"]
+            events: list[tuple[str, int]] = []
+            real_decode, real_encode = service._decoder.decode_windows, service.backend.encode_videos
+
+            async def decode_spy(upload, segment_s, stride_s, only):
+                events.append(("decode-start", only[0]))
+                return await real_decode(upload, segment_s, stride_s, only)
+
+            async def encode_spy(frames, text_feats=None):
+                try:
+                    return await real_encode(frames, text_feats)
+                finally:
+                    events.append(("encode-end", len(frames)))
+
+            service._decoder.decode_windows, service.backend.encode_videos = decode_spy, encode_spy
+            response = await classify(client, video, support_set_id=set_id, segment_seconds="2")
+            assert response.status_code == 200, response.text
+            answers[chunk] = response.json()["segments"]
+        if chunk == features.ENCODE_BATCH:
+            starts = [i for i, (kind, _) in enumerate(events) if kind == "decode-start"]
+            ends = [i for i, (kind, _) in enumerate(events) if kind == "encode-end"]
+            assert [first for kind, first in events if kind == "decode-start"] == [0, 8, 16, 24], events
+            assert len(ends) == 4, events
+            for piece in range(1, 4):  # piece k+1 was asked for before piece k's encode returned
+                assert starts[piece] < ends[piece - 1], events
+    assert answers[features.ENCODE_BATCH] == answers[32]
+
+
+async def test_an_encoder_failure_mid_video_stops_the_next_decode_and_the_gateway_goes_on(
+        video: bytes, monkeypatch) -> None:
+    """The encoder fails on the second piece: a 503 with the backend's error, the decode asked for the
+    third piece is cancelled (started or not: none left running, no fourth), and the next request is
+    answered."""
+    from service.core import features
+    from service.errors import BackendUnavailable
+
+    monkeypatch.setattr(features, "WINDOW_CHUNK", features.ENCODE_BATCH)
+    async with running(tiny_settings(encode_concurrency=1)) as (client, service):
+        set_id = (await register(client, [(class_video(c, 0), LABELS[c]) for c in range(3)]))["id"]
+        real_decode, real_encode = service._decoder.decode_windows, service.backend.encode_videos
+        decodes, calls = {"running": 0, "started": 0}, [0]
+
+        async def decode_spy(upload, segment_s, stride_s, only):
+            decodes["running"] += 1
+            decodes["started"] += 1
+            try:
+                return await real_decode(upload, segment_s, stride_s, only)
+            finally:
+                decodes["running"] -= 1
+
+        async def failing_encode(frames, text_feats=None):
+            calls[0] += 1
+            if calls[0] == 2:
+                raise BackendUnavailable("the encoder went away")
+            return await real_encode(frames, text_feats)
+
+        service._decoder.decode_windows, service.backend.encode_videos = decode_spy, failing_encode
+        assert_error(await classify(client, video, support_set_id=set_id, segment_seconds="2"), 503)
+        assert decodes["running"] == 0 and decodes["started"] in (2, 3), decodes
+        service.backend.encode_videos = real_encode
+        ok = await classify(client, video, support_set_id=set_id, segment_seconds="2")
+        assert ok.status_code == 200 and len(ok.json()["segments"]) == 30
