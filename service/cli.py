@@ -161,18 +161,23 @@ def demo_cmd(
     workdir: Path = typer.Option(Path("runs"), help="Holds demo-data/, demo/ (the cached checkpoint), demo-samples/."),
     host: str = typer.Option("127.0.0.1", help="Bind address."),
     port: int = typer.Option(8000, help="HTTP port (0: any free port)."),
-    max_steps: Optional[int] = typer.Option(None, help="Cap the one-off training (default: the preset's)."),
-    retrain: bool = typer.Option(False, help="Train the demo model again even if it is cached."),
+    shots: int = typer.Option(1, min=1, max=10, help="Support clips registered per held-out class."),
+    train: bool = typer.Option(False, "--train", help="Serve the synthetic-tiny preset trained on the demo data "
+                                                      "(minutes) instead of its training-free model, which scored "
+                                                      "higher on held-out classes (docs/learning.md)."),
+    max_steps: Optional[int] = typer.Option(None, help="With --train: cap the one-off training (default: the preset's)."),
+    retrain: bool = typer.Option(False, help="Make the demo model again even if it is cached."),
     no_serve: bool = typer.Option(False, "--no-serve", help="Stop after the checks instead of serving."),
     overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides of the synthetic-tiny preset."),
 ) -> None:
-    """Offline demo: synthetic data, a tiny model trained once, served with curl examples."""
+    """Offline demo: synthetic data, the tiny model made once (training-free by default), served with curl
+    examples and its answers on held-out clips beside a frame-mean baseline."""
     _setup_logging()
     logging.getLogger("httpx").setLevel(logging.WARNING)  # the demo's own requests: results are printed
     from service.demo import run_demo
 
     run_demo(workdir, host=host, port=port or None, max_steps=max_steps, retrain=retrain,
-             serve_forever=not no_serve, overrides=list(overrides or []))
+             serve_forever=not no_serve, overrides=list(overrides or []), shots=shots, train_model=train)
 
 
 # --------------------------------------------------------------------------- serve

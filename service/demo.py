@@ -191,8 +191,15 @@ def run_demo(workdir: Path = DEFAULT_WORKDIR, host: str = "127.0.0.1", port: Opt
         samples_dir = workdir / "demo-samples"
         samples_dir.mkdir(parents=True, exist_ok=True)
 
-        # Register `shots` clips per held-out class (classes the demo model never saw in training).
-        support = {c: by_class[c][:shots] for c in classes}
+        # Register `shots` clips per held-out class (classes the demo model never saw in training). The
+        # classified clips are the same whatever `shots` is (each class's 2nd, 3rd, ... clip), so answers
+        # with more shots compare with fewer on the same clips; support = the 1st clip, then the ones after.
+        held_out = {c: by_class[c][1:1 + samples_per_class] for c in classes}
+        support = {c: by_class[c][:1] + by_class[c][1 + samples_per_class:][:shots - 1] for c in classes}
+        short = [c for c in classes if len(support[c]) < shots or not held_out[c]]
+        if short:
+            raise RuntimeError(f"the demo data has too few test clips of {', '.join(short)} for {shots} shots and "
+                               f"{samples_per_class} held-out clips a class")
         files = [("videos", (path.name, path.read_bytes(), "video/mp4")) for c in classes for path in support[c]]
         candidate_labels = [label_texts.get(c, c.replace("_", " ")) for c in classes]
         form = {"labels": [label for c, label in zip(classes, candidate_labels) for _ in support[c]],
@@ -207,7 +214,7 @@ def run_demo(workdir: Path = DEFAULT_WORKDIR, host: str = "127.0.0.1", port: Opt
 
             result = DemoResult(url=url, checkpoint=checkpoint, support_set=support_set, trained_now=trained_now)
             for class_name in classes:
-                for path in by_class[class_name][shots:shots + samples_per_class]:
+                for path in held_out[class_name]:
                     sample = samples_dir / f"{class_name}__{path.name}"
                     shutil.copyfile(path, sample)
                     true_label = label_texts.get(class_name, class_name.replace("_", " "))

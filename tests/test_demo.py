@@ -1,7 +1,9 @@
 """`fsar demo` end to end, shortened: synthetic data, the one-off demo model, the embedded gateway over HTTP."""
 from __future__ import annotations
 
+import hashlib
 import math
+from pathlib import Path
 
 import httpx
 
@@ -46,3 +48,12 @@ def test_demo_trains_once_registers_held_out_classes_and_classifies_over_http(tm
         scores = [p["score"] for p in sample["few_shot"]]
         assert all(0.0 <= s <= 1.0 and not math.isnan(s) for s in scores) and sum(scores) <= 1.0 + 1e-5
 
+
+    # More shots: the same held-out clips are classified (so answers compare), none of them registered.
+    more = run_demo(tmp_path, port=None, serve_forever=False, samples_per_class=1, overrides=short, shots=2,
+                    say=said.append)
+    assert all(c["shots"] == 2 for c in more.support_set["classes"])
+    assert [s["path"] for s in more.samples] == [s["path"] for s in again.samples]
+    registered = {v["sha256"] for v in more.support_set["videos"]}
+    assert len(registered) == 2 * len(classes)
+    assert all(hashlib.sha256(Path(s["path"]).read_bytes()).hexdigest() not in registered for s in more.samples)
