@@ -27,7 +27,8 @@ Those captions are ``captions="shapes-v1"`` (the default). Richer scene captions
 ``scenes-v3``: one to three of nine shapes, how far every non-round shape is turned, how far apart two
 shapes are) were measured and are kept for reproduction, but chosen against: on `fsar synth` val and
 train classes they gave a tower worse than the same steps of ``shapes-v1`` (docs/learning.md, "A
-stronger stand-in tower"); doubling the steps of ``shapes-v1`` (1,000 -> 2,000) is what helped.
+stronger stand-in tower"); more steps of ``shapes-v1`` is what helped (1,000 -> 2,000 -> 4,000; 8,000
+no better than 4,000), not continuous geometry targets beside the caption words (tried, worse).
 ``python -m training.pretrain`` remakes the shipped image tower (one torch thread: the weights are
 reproducible for a given thread count, not across them).
 """
