@@ -178,9 +178,12 @@ async def test_onnx_python_layout_on_a_real_triton_server_matches_torch(tmp_path
         item.set_data_from_numpy(array)
         return item
 
-    with start_triton(repository, models=list(expected)) as server:
+    from service.backends.triton import TritonBackend
+    from service.settings import Settings
+
+    with start_triton(repository) as server:  # the whole repository, as the gateway serves it
         client = grpcclient.InferenceServerClient(server.grpc_url)
-        try:
+        try:  # each ONNX-in-Python model on its own, over raw gRPC
             calls = {
                 "video_encoder": ([tensor("FRAMES", frames, "UINT8")], "FRAME_FEATS"),
                 "video_encoder_support": ([tensor("FRAMES", frames, "UINT8"), tensor("TEXT_FEATS", texts, "FP32")],
@@ -193,11 +196,7 @@ async def test_onnx_python_layout_on_a_real_triton_server_matches_torch(tmp_path
         finally:
             await client.close()
 
-    # The gateway's Triton backend on the whole repository: support videos go to video_encoder_support.
-    from service.backends.triton import TritonBackend
-    from service.settings import Settings
-
-    with start_triton(repository) as server:
+        # The gateway's Triton backend on the same server: support videos go to video_encoder_support.
         backend = TritonBackend(Settings(backend="triton", triton_url=server.grpc_url, triton_timeout_s=60.0))
         await backend.start()
         try:
