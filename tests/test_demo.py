@@ -31,8 +31,9 @@ def test_demo_trains_once_registers_held_out_classes_and_classifies_over_http(tm
     assert all(s["frame_mean"] in classes for s in result.samples)  # the baseline on the same clips
     assert 0 <= result.frame_mean_correct <= len(result.samples)
 
-    # A second run reuses the cached checkpoint and dataset instead of training again, and the
-    # model card says plainly that it is a demo model.
+    # A second run, with two shots a class, reuses the cached checkpoint and dataset instead of making
+    # them again, classifies the same held-out clips (so answers compare across shot counts), none of
+    # them registered, and the model card says plainly that it is a demo model.
     seen: dict = {}
 
     def grab(text: str) -> None:
@@ -41,19 +42,15 @@ def test_demo_trains_once_registers_held_out_classes_and_classifies_over_http(tm
             if line.startswith("curl -s http") and line.endswith("/model") and "card" not in seen:
                 seen["card"] = httpx.get(line.split()[-1], timeout=30).json()
 
-    again = run_demo(tmp_path, port=None, serve_forever=False, samples_per_class=1, overrides=short, say=grab)
+    again = run_demo(tmp_path, port=None, serve_forever=False, samples_per_class=1, overrides=short, shots=2,
+                     say=grab)
     assert not again.trained_now and again.checkpoint == result.checkpoint
     assert "demo model" in seen["card"]["description"]
     for sample in again.samples:
         scores = [p["score"] for p in sample["few_shot"]]
         assert all(0.0 <= s <= 1.0 and not math.isnan(s) for s in scores) and sum(scores) <= 1.0 + 1e-5
-
-
-    # More shots: the same held-out clips are classified (so answers compare), none of them registered.
-    more = run_demo(tmp_path, port=None, serve_forever=False, samples_per_class=1, overrides=short, shots=2,
-                    say=said.append)
-    assert all(c["shots"] == 2 for c in more.support_set["classes"])
-    assert [s["path"] for s in more.samples] == [s["path"] for s in again.samples]
-    registered = {v["sha256"] for v in more.support_set["videos"]}
+    assert all(c["shots"] == 2 for c in again.support_set["classes"])
+    assert [s["path"] for s in again.samples] == [s["path"] for s in result.samples]
+    registered = {v["sha256"] for v in again.support_set["videos"]}
     assert len(registered) == 2 * len(classes)
-    assert all(hashlib.sha256(Path(s["path"]).read_bytes()).hexdigest() not in registered for s in more.samples)
+    assert all(hashlib.sha256(Path(s["path"]).read_bytes()).hexdigest() not in registered for s in again.samples)
