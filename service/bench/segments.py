@@ -6,11 +6,13 @@ a panning texture, moving blocks, light noise): 10 minutes of 640x360 30 fps H.2
 every 2 s (a 60 s clip repeated ten times by remuxing, see :func:`make_long_clip`; quick: 60 s). It is cut into 2 s windows (``training.video.window_spans``: 300 windows
 in a full run), 8 frames a window at the model's input size (224 px; fsar-tiny: 64 px).
 
-- ``ours``: ``decode_windows`` once (one plan over the file, each frame decoded and converted
-  once), then the windows encoded in batches of ``batch`` (8) on the encoder runtime the embedded
-  backend picks (``runtime`` auto: ONNX Runtime fp32 on a CPU when it is installed, as the gateway
-  serves; ``--runtime torch`` for the torch-eager encoder, ``--precision int8`` for the quantised
-  graphs) and each batch classified few-shot against the prototype set.
+- ``ours``: the gateway's path (``Features.query_windows``): the video in pieces of ``WINDOW_CHUNK``
+  (32) windows, each piece one ``decode_windows`` plan over its stretch of the file (each frame decoded
+  and converted once), the next piece decoding in a worker thread while this one is encoded in batches
+  of ``batch`` (8) on the encoder runtime the embedded backend picks (``runtime`` auto: ONNX Runtime
+  fp32 on a CPU when it is installed, as the gateway serves; ``--runtime torch`` for the torch-eager
+  encoder, ``--precision int8`` for the quantised graphs) and each batch classified few-shot against
+  the prototype set.
 - ``naive`` (the baseline): for each window, open the file, seek with PyAV to the keyframe before
   the window's start, decode forward (threaded decoding, every frame) until the window's last
   sampling time, convert the 8 frames shown at the centres of 8 equal parts of the window (the
@@ -23,7 +25,7 @@ before timing (``setup_s``). ``frames_match`` checks the two paths fed the model
 ``predictions_agree`` is the share of windows where both predicted the same label.
 
 Per row: ``wall_s`` (end to end: decoding, encoding and classification of every window),
-``decode_s`` and ``encode_s`` (encoding and classification), ``video_s_per_s`` (seconds of video
+``decode_s`` and ``encode_s`` (encoding and classification; in ours they overlap), ``video_s_per_s`` (seconds of video
 classified per wall-clock second), ``windows_per_s``, ``speedup_vs_baseline`` (baseline wall time
 / wall time), ``decode_speedup`` and ``encode_speedup`` (the same ratio per stage), ``cpu_s`` and
 ``cpu_speedup_vs_baseline`` (CPU time of all this process's threads: unlike wall time, it hardly
