@@ -197,11 +197,11 @@ class Classifier:
 
 
 # --------------------------------------------------------------------------------------- paths
-def ours(path: Path, classifier: Classifier, batch: int, limits: DecodeLimits, overlap: bool = True) -> dict[str, Any]:
+def ours(path: Path, classifier: Classifier, batch: int, limits: DecodeLimits) -> dict[str, Any]:
     """The gateway's path (``Features.query_windows``): the video in pieces of ``WINDOW_CHUNK`` windows,
-    each piece one ``decode_windows`` plan over its stretch of the file, then encoded in batches (the
-    chosen runtime) and classified; with ``overlap`` the next piece decodes in a worker thread while
-    this one encodes (``decode_s`` and ``encode_s`` then overlap: ``wall_s`` is the end-to-end time)."""
+    each piece one ``decode_windows`` plan over its stretch of the file, encoded in batches (the chosen
+    runtime) and classified while the next piece decodes in a worker thread (``decode_s`` and
+    ``encode_s`` overlap: ``wall_s`` is the end-to-end time)."""
     from concurrent.futures import ThreadPoolExecutor
 
     def decode_piece(first: int) -> tuple[Any, float]:
@@ -214,28 +214,18 @@ def ours(path: Path, classifier: Classifier, batch: int, limits: DecodeLimits, o
     frames, spans, predictions, distinct = [], [], [], 0
     start, cpu_start = time.perf_counter(), time.process_time()
     with ThreadPoolExecutor(1, thread_name_prefix="bench-decode") as pool:
-        pending: Any = pool.submit(decode_piece, 0) if overlap else None
-        first = 0
-        while True:
-            if pending is not None:
-                piece, seconds = pending.result()
-                pending = None
-            else:
-                piece, seconds = decode_piece(first)
+        pending: Any = pool.submit(decode_piece, 0)
+        while pending is not None:
+            piece, seconds = pending.result()
             decode_s += seconds
-            if not len(piece):
-                break
-            first = piece.first + len(piece)
-            if overlap and first < piece.total:
-                pending = pool.submit(decode_piece, first)
+            done = piece.first + len(piece)
+            pending = pool.submit(decode_piece, done) if len(piece) and done < piece.total else None
             began = time.perf_counter()
             predictions.extend(classifier.classify_fast(piece.frames[b:b + batch]) for b in range(0, len(piece), batch))
             encode_s += time.perf_counter() - began
             frames.append(piece.frames)
             spans.append(piece.spans)
             distinct += piece.distinct_frames
-            if first >= piece.total:
-                break
     end = time.perf_counter()
     return {"frames": np.concatenate(frames), "spans": np.concatenate(spans), "predictions": np.concatenate(predictions),
             "decode_s": decode_s, "encode_s": encode_s, "wall_s": end - start,
