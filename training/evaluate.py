@@ -198,9 +198,9 @@ def swap_metric(model: FsarModel, metric: str) -> None:
     from training.model.temporal_metrics import build_metric
 
     config = model.config.replace(metric=metric)
-    if metric == "mean" and config.frame_centering:
+    if metric == "mean" and (config.frame_centering or config.frame_norm):
         # The temporal mean of centred frames is zero: the frame-mean baseline compares raw means.
-        config = config.replace(frame_centering=False)
+        config = config.replace(frame_centering=False, frame_norm=False)
     if metric == model.config.metric:
         model.config = config
         return

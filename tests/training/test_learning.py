@@ -22,10 +22,10 @@ TINY = dict(backbone="fsar-tiny", pretrained=None, adapter="none", tpcm_ffn=32, 
 
 def test_new_model_options_keep_old_fingerprints_and_round_trip():
     plain = ModelConfig(**TINY)
-    assert "frame_centering" not in plain.to_dict() and "tpcm_text" not in plain.to_dict()
-    changed = ModelConfig(**TINY, frame_centering=True, tpcm_text=False)
+    assert not {"frame_centering", "tpcm_text", "frame_norm"} & set(plain.to_dict())
+    changed = ModelConfig(**TINY, frame_centering=True, tpcm_text=False, frame_norm=True)
     data = changed.to_dict()
-    assert data["frame_centering"] is True and data["tpcm_text"] is False
+    assert data["frame_centering"] is True and data["tpcm_text"] is False and data["frame_norm"] is True
     assert ModelConfig.from_dict(data) == changed
 
 
@@ -41,6 +41,23 @@ def test_frame_centering_ignores_what_a_video_shows_and_keeps_how_it_changes():
         reversed_ = model.q2s_logits(queries.flip(1), model.build_prototypes(support, labels, None))
     assert torch.allclose(base, shifted, atol=1e-4)
     assert not torch.allclose(base, reversed_, atol=1e-3)
+
+
+def test_frame_norm_ignores_each_frames_feature_length():
+    torch.manual_seed(0)
+    config = ModelConfig(**TINY, frame_centering=True, frame_norm=True, metric_scale_init=10.0)
+    model = build_model(config).eval()
+    queries, support = torch.randn(3, 8, 64), torch.randn(2, 8, 64)
+    labels = torch.tensor([0, 1])
+    with torch.no_grad():
+        base = model.q2s_logits(queries, model.build_prototypes(support, labels, None))
+        scaled = model.q2s_logits(queries * torch.rand(3, 8, 1).add(0.2) * 5,  # every frame rescaled
+                                  model.build_prototypes(support * torch.rand(2, 8, 1).add(0.2) * 5, labels, None))
+        centred_only = build_model(config.replace(frame_norm=False)).eval()
+        centred_only.load_state_dict(model.state_dict())
+        plain = centred_only.q2s_logits(queries, centred_only.build_prototypes(support, labels, None))
+    assert torch.allclose(base, scaled, atol=1e-4)
+    assert not torch.allclose(base, plain, atol=1e-3)  # without it, lengths weigh in
 
 
 def test_tpcm_text_off_makes_prototypes_ignore_label_texts():
@@ -122,9 +139,9 @@ def test_frame_mean_baseline_of_a_centred_model_compares_raw_means():
     from training.evaluate import swap_metric
 
     torch.manual_seed(0)
-    model = build_model(ModelConfig(**TINY, frame_centering=True, metric_scale_init=10.0)).eval()
+    model = build_model(ModelConfig(**TINY, frame_centering=True, frame_norm=True, metric_scale_init=10.0)).eval()
     swap_metric(model, "mean")
-    assert model.config.metric == "mean" and not model.config.frame_centering
+    assert model.config.metric == "mean" and not model.config.frame_centering and not model.config.frame_norm
     queries, support = torch.randn(3, 8, 64), torch.randn(3, 8, 64)
     with torch.no_grad():
         logits = model.classify(queries, model.build_prototypes(support, torch.arange(3), None))

@@ -25,7 +25,7 @@ class ModelConfigError(ValueError):
 
 
 # Fields added after checkpoints existed, and their defaults: ``to_dict`` omits them at the default.
-NEW_FIELD_DEFAULTS: Dict[str, Any] = {"tpcm_text": True, "frame_centering": False}
+NEW_FIELD_DEFAULTS: Dict[str, Any] = {"tpcm_text": True, "frame_centering": False, "frame_norm": False}
 
 
 @dataclass
@@ -68,6 +68,9 @@ class ModelConfig:
         frame_centering: subtract each video's temporal mean frame feature before TPCM and the
             metric (support and query alike; zero-shot is unchanged): the metric then compares how
             videos change rather than what they show (docs/methods.md section 5).
+        frame_norm: scale each frame feature to unit length first (before centering, TPCM and the
+            metric), so every frame counts the same in a video's mean and a change is measured in
+            direction, not in feature length (docs/learning.md, "Unit frames and a sharper OTAM").
         metric: temporal alignment metric ``otam`` | ``bimhm`` | ``mean`` | ``trx``.
         otam_lambda: OTAM smooth-min temperature (0.5 as in CLIP-FSAR).
         metric_scale_init: initial value of the learnable scale on ``-distance`` (Q2S logits). None
@@ -106,6 +109,7 @@ class ModelConfig:
     tpcm_attn_dropout: float = 0.0
     tpcm_text: bool = True
     frame_centering: bool = False
+    frame_norm: bool = False
     metric: Literal["otam", "bimhm", "mean", "trx"] = "otam"
     otam_lambda: float = 0.5
     metric_scale_init: Optional[Union[float, Literal["auto"]]] = None
@@ -164,7 +168,8 @@ class ModelConfig:
             raise ModelConfigError(f"tpcm_attn_dropout must lie in [0, 1), got {self.tpcm_attn_dropout}")
         if self.otam_lambda <= 0.0:
             raise ModelConfigError(f"otam_lambda must be positive, got {self.otam_lambda}")
-        for name in ("temporal_adapter", "tpcm", "learn_metric_scale", "tpcm_text", "frame_centering"):
+        for name in ("temporal_adapter", "tpcm", "learn_metric_scale", "tpcm_text", "frame_centering",
+                     "frame_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise ModelConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.quick_gelu is not None and not isinstance(self.quick_gelu, bool):

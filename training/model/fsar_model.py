@@ -248,10 +248,13 @@ class FsarModel(nn.Module):
         return sums / shots.to(refined.dtype).view(-1, 1, 1)  # [N, T, D]
 
     def _centred(self, frame_feats: Tensor) -> Tensor:
-        """``[B, T, D]`` minus each video's temporal mean when ``config.frame_centering``, else unchanged."""
-        if not self.config.frame_centering:
-            return frame_feats
-        return frame_feats - frame_feats.mean(dim=1, keepdim=True)
+        """``[B, T, D]`` frames as the head compares them: unit length when ``config.frame_norm``, then
+        minus each video's temporal mean when ``config.frame_centering`` (unchanged when both are off)."""
+        if self.config.frame_norm:
+            frame_feats = F.normalize(frame_feats, dim=-1)
+        if self.config.frame_centering:
+            frame_feats = frame_feats - frame_feats.mean(dim=1, keepdim=True)
+        return frame_feats
 
     def q2s_logits(self, query_feats: Tensor, prototypes: Tensor) -> Tensor:
         """Query-to-support logits ``-distance * metric_scale``: ``[Q, T, D]``, ``[N, T, D]`` -> ``[Q, N]``.
