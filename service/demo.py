@@ -2,10 +2,11 @@
 
 1. writes the synthetic motion dataset (`fsar synth`) if it is not there yet;
 2. builds the demo model once: the `synthetic-tiny` preset's tiny backbone (its stand-in pretrained
-   image tower ships in the repository and is rebuilt in seconds), frame centering, identity TPCM
-   and OTAM, **without training**: on held-out classes of two independent synthetic datasets no
+   image tower ships in the repository and is rebuilt in seconds), unit frames, frame centering,
+   identity TPCM and OTAM, **without training**: on held-out classes of two independent synthetic datasets no
    training recipe beat this training-free model (docs/learning.md). ``--train`` trains the preset
-   instead. The checkpoint is cached and later runs reuse it;
+   instead. The checkpoint is cached and later runs reuse it while the preset, the overrides and
+   ``--train`` are the same (otherwise it is made again);
 3. serves that checkpoint with the embedded backend (`demo=True`: the model card says "demo model");
 4. registers a support set (``shots`` clips per held-out test class) over HTTP, classifies held-out
    clips of those classes over HTTP, prints each answer beside the frame-mean baseline (the same
@@ -16,6 +17,7 @@ The demo never replaces the production path: `fsar serve` with real weights neve
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -61,28 +63,43 @@ def ensure_dataset(data_dir: Path, say: Callable[[str], None]) -> Path:
     return data_dir
 
 
+def demo_recipe(overrides: Sequence[str] = (), train_model: bool = False) -> str:
+    """sha256 of what makes the demo model: the preset with ``overrides`` as loaded now, and whether it
+    is trained. A cached model is reused only when this matches."""
+    from training.config import load_config
+
+    made_of = {"config": load_config(PRESET, list(overrides)).to_dict(), "trained": bool(train_model)}
+    return hashlib.sha256(json.dumps(made_of, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def ensure_checkpoint(data_dir: Path, run_dir: Path, say: Callable[[str], None], *,
                       max_steps: Optional[int] = None, retrain: bool = False,
                       overrides: Sequence[str] = (), train_model: bool = False) -> tuple[Path, bool]:
     """Make the demo model once; return (checkpoint, made_now). By default the training-free model
     of the `synthetic-tiny` preset; with ``train_model`` the preset trained on ``data_dir``."""
     done = run_dir / "DONE.json"
+    recipe = demo_recipe(overrides, train_model)
     if retrain and run_dir.exists():
         shutil.rmtree(run_dir)
     if done.is_file():
         record = json.loads(done.read_text())
         checkpoint = Path(record["checkpoint"])
-        if checkpoint.is_file() and bool(record.get("trained", True)) == train_model:
+        if checkpoint.is_file() and record.get("recipe") == recipe:
             say(f"demo model: reusing {checkpoint} (delete {run_dir} or pass --retrain to make it again)")
             return checkpoint, False
+        # Made by another version of the preset, with other overrides, or trained vs not: a stale model
+        # would be served under the current name, and a trained run would resume from it.
+        say(f"demo model: {run_dir} holds a model made with other settings (an older '{PRESET}' preset, "
+            f"other overrides or --train); making it again")
+        shutil.rmtree(run_dir)
     if not train_model:
         from training.train import untrained_checkpoint
 
         started = time.perf_counter()
-        say(f"demo model: the '{PRESET}' preset without training (stand-in pretrained tiny backbone, frame "
-            f"centering, OTAM; cached in {run_dir})")
+        say(f"demo model: the '{PRESET}' preset without training (stand-in pretrained tiny backbone, unit "
+            f"frames, frame centering, OTAM; cached in {run_dir})")
         checkpoint = untrained_checkpoint(PRESET, run_dir, overrides, progress=False)
-        done.write_text(json.dumps({"checkpoint": str(checkpoint), "trained": False}, indent=2))
+        done.write_text(json.dumps({"checkpoint": str(checkpoint), "trained": False, "recipe": recipe}, indent=2))
         say(f"demo model: ready in {time.perf_counter() - started:.0f} s")
         return checkpoint, True
     from training.train import train
@@ -91,6 +108,7 @@ def ensure_checkpoint(data_dir: Path, run_dir: Path, say: Callable[[str], None],
     summary = train(PRESET, data_dir, run_dir, max_steps=max_steps, overrides=list(overrides), resume=True)
     checkpoint = Path(summary.get("best_checkpoint") or summary["last_checkpoint"])
     done.write_text(json.dumps({"checkpoint": str(checkpoint), "steps": summary.get("steps"), "trained": True,
+                                "recipe": recipe,
                                 "best_val_accuracy": summary.get("best_val_accuracy")}, indent=2))
     say(f"demo model: {summary.get('steps')} steps in {summary.get('elapsed_s', 0):.0f} s, "
         f"validation accuracy {summary.get('best_val_accuracy')}")

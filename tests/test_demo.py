@@ -7,7 +7,7 @@ from pathlib import Path
 
 import httpx
 
-from service.demo import run_demo
+from service.demo import ensure_checkpoint, run_demo
 
 
 def test_demo_trains_once_registers_held_out_classes_and_classifies_over_http(tmp_path):
@@ -54,3 +54,19 @@ def test_demo_trains_once_registers_held_out_classes_and_classifies_over_http(tm
     registered = {v["sha256"] for v in again.support_set["videos"]}
     assert len(registered) == 2 * len(classes)
     assert all(hashlib.sha256(Path(s["path"]).read_bytes()).hexdigest() not in registered for s in again.samples)
+
+
+def test_a_cached_demo_model_made_with_other_settings_is_made_again(tmp_path):
+    said: list[str] = []
+    short = ["pretrain.steps=3", "pretrain.batch_size=8"]
+    first, made = ensure_checkpoint(tmp_path / "data", tmp_path / "demo", said.append, overrides=short)
+    assert made and first.is_file()
+    same, made = ensure_checkpoint(tmp_path / "data", tmp_path / "demo", said.append, overrides=short)
+    assert not made and same == first and "reusing" in said[-1]
+    # Another preset version (here: another override) must not be served under the current name.
+    other, made = ensure_checkpoint(tmp_path / "data", tmp_path / "demo", said.append,
+                                    overrides=[*short, "model.otam_lambda=0.5"])
+    assert made and any("made with other settings" in line for line in said)
+    from training.checkpoint import load_checkpoint
+
+    assert load_checkpoint(other)[0].config.otam_lambda == 0.5
