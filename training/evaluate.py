@@ -199,7 +199,8 @@ def swap_metric(model: FsarModel, metric: str) -> None:
 
     config = model.config.replace(metric=metric)
     if metric == "mean" and (config.frame_centering or config.frame_norm):
-        # The temporal mean of centred frames is zero: the frame-mean baseline compares raw means.
+        # The temporal mean of centred frames is zero: the frame-mean baseline compares raw means
+        # (of frames as the tower gives them, not scaled to unit length either).
         config = config.replace(frame_centering=False, frame_norm=False)
     if metric == model.config.metric:
         model.config = config

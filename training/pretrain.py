@@ -28,7 +28,8 @@ Those captions are ``captions="shapes-v1"`` (the default). Richer scene captions
 shapes are) were measured and are kept for reproduction, but chosen against: on `fsar synth` val and
 train classes they gave a tower worse than the same steps of ``shapes-v1`` (docs/learning.md, "A
 stronger stand-in tower"); more steps of ``shapes-v1`` is what helped (1,000 -> 2,000 -> 4,000; 8,000
-no better than 4,000), not continuous geometry targets beside the caption words (tried, worse).
+no better than 4,000), not continuous geometry targets beside the caption words (tried, worse);
+learning-rate decay, weight decay 0.05, a larger batch and a 4-layer tower gave nothing either.
 ``python -m training.pretrain`` remakes the shipped image tower (one torch thread: the weights are
 reproducible for a given thread count, not across them).
 """
