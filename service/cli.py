@@ -108,9 +108,13 @@ def eval_cmd(
     open_set: bool = typer.Option(
         False, "--open-set", help="Open-set episodes (as many unknown queries as known): AUROC and accuracy at the "
                                   "calibrated threshold of open_set_score beside the MSP baseline."),
+    calibrate: bool = typer.Option(
+        False, "--calibrate", help="Do the few-shot probabilities mean what they say? Fit a temperature on the val "
+                                   "split's episodes, then ECE, NLL and Brier on this split's, before and after."),
     record: bool = typer.Option(
         False, "--record", help="With --open-set: measure the 1-shot default thresholds on the val split and write "
-                                "them into the checkpoint."),
+                                "them into the checkpoint. With --calibrate: write the fitted temperature into it "
+                                "(the gateway applies it to every few-shot answer)."),
     accept: float = typer.Option(0.95, help="With --open-set: fraction of a set's left-out known clips accepted."),
     precision: bool = typer.Option(
         False, "--precision", help="What serving precision costs, on the same episodes on the CPU: the encoders on "
@@ -120,8 +124,20 @@ def eval_cmd(
 ) -> None:
     """Few-shot accuracy with its 95% interval over seeded episodes, plus zero-shot accuracy."""
     kwargs = {"seed": seed} if seed is not None else {}
-    if record and not open_set:
-        raise CliError("--record needs --open-set")
+    if record and not (open_set or calibrate):
+        raise CliError("--record needs --open-set or --calibrate")
+    if calibrate and (open_set or baselines or precision or metric is not None):
+        raise CliError("--calibrate measures the checkpoint's own few-shot probabilities; leave out --open-set, "
+                       "--baselines, --precision and --metric")
+    if calibrate:
+        from training.evaluate import calibration_table
+
+        table = calibration_table(checkpoint, data, split=split, way=way, shot=shot, query=query, episodes=episodes,
+                                  record=record, json_path=json_path, device=device, **kwargs)
+        typer.echo(table["table"])
+        if record:
+            typer.echo(f"recorded temperature {table['temperature']:.4g} in {checkpoint}")
+        return
     if precision and (open_set or baselines or metric is not None):
         raise CliError("--precision compares encoders with the checkpoint's own metric; leave out --open-set, "
                        "--baselines and --metric")

@@ -11,6 +11,7 @@ A checkpoint is one ``torch.save`` file of plain dicts, strings, numbers and ten
   themselves, so the model comes back exactly rather than re-randomised;
 * training metadata (``step``, ``metrics``, ``extra``, time, library versions, parameter counts);
 * optionally ``open_set``: the model-level open-set thresholds (:func:`record_open_set`);
+* optionally ``calibration``: the temperature of its few-shot probabilities (:func:`record_calibration`);
 * ``checkpoint_hash``: :meth:`FsarModel.fingerprint` at save time, sha256 over the config, the
   backbone weight hash and the trainable tensors. Saving the same model twice gives the same hash,
   and :func:`load_checkpoint` checks the rebuilt model against it.
@@ -204,6 +205,21 @@ def record_open_set(path: PathLike, open_set: Mapping[str, Any]) -> None:
     """
     payload = _load_payload(path, mmap=False)
     payload["open_set"] = _plain(dict(open_set))
+    _atomic_save(payload, Path(path))
+
+
+def record_calibration(path: PathLike, calibration: Mapping[str, Any]) -> None:
+    """Write the few-shot probability calibration into a checkpoint (atomically), replacing any earlier one.
+
+    ``calibration`` is JSON-like with a ``temperature`` > 0 (``fsar eval --calibrate --record`` writes it
+    and how it was fitted; :mod:`training.calibration`); it appears as ``meta["calibration"]``. Weights and
+    the checkpoint hash are unchanged; checkpoints without the key serve probabilities as before (T = 1).
+    """
+    from training.calibration import recorded_temperature
+
+    recorded_temperature({"calibration": dict(calibration)})  # refuses a record without a valid temperature
+    payload = _load_payload(path, mmap=False)
+    payload["calibration"] = _plain(dict(calibration))
     _atomic_save(payload, Path(path))
 
 

@@ -126,10 +126,29 @@ def episode_accuracies(model: FsarModel, encoded: EncodedSplit, *, way: int = 5,
 
     Episodes come from ``EpisodeSampler(labels, way, shot, query, episodes, seed)``; each is
     classified with :meth:`FsarModel.classify` (prototypes from :meth:`build_prototypes`; the label
-    texts mix in Q2T when ``use_text`` and the model's ``alpha > 0``).
+    texts mix in Q2T when ``use_text`` and the model's ``alpha > 0``); see :func:`episode_logits`.
 
     Returns:
         float64 ``[episodes]`` accuracies in percent.
+    """
+    logits = episode_logits(model, encoded, way=way, shot=shot, query=query, episodes=episodes, seed=seed,
+                            use_text=use_text, chunk=chunk, progress=progress)  # [E, N*Q, N]
+    query_labels = np.repeat(np.arange(way), query)  # [N*Q]
+    return (logits.argmax(axis=-1) == query_labels).mean(axis=1) * 100.0
+
+
+@torch.no_grad()
+def episode_logits(model: FsarModel, encoded: EncodedSplit, *, way: int = 5, shot: int = 1, query: int = 1,
+                   episodes: int = 10000, seed: int = DEFAULT_EVAL_SEED, use_text: bool = True,
+                   chunk: int = EPISODES_PER_CHUNK, progress: bool = True) -> np.ndarray:
+    """The model's few-shot logits of every query of ``episodes`` seeded N-way K-shot episodes.
+
+    What :meth:`FsarModel.classify` returns (Q2S logits, or the log of the Q2S / Q2T mixture when
+    ``use_text`` and the model's ``alpha > 0``), against prototypes from :meth:`build_prototypes`. The
+    queries of episode e are ordered by class: query ``i`` belongs to class ``i // query``.
+
+    Returns:
+        float64 ``[episodes, way * query, way]``.
     """
     from training.data import EpisodeSampler
 
@@ -140,11 +159,10 @@ def episode_accuracies(model: FsarModel, encoded: EncodedSplit, *, way: int = 5,
     support_all = encoded.support_feats.to(device)
     query_all = encoded.query_feats.to(device)
     text_all = encoded.text_feats.to(device)
-    num_support, num_query = way * shot, way * query
+    num_support = way * shot
     support_labels = torch.arange(way, device=device).repeat_interleave(shot)  # [N*K]
-    query_labels = torch.arange(way, device=device).repeat_interleave(query)  # [N*Q]
     classify = torch.func.vmap(model.classify if use_text else (lambda q, p: model.classify(q, p, None)))
-    accuracies = np.empty(episodes, dtype=np.float64)
+    all_logits = np.empty((episodes, way * query, way), dtype=np.float64)
     bar = tqdm(total=episodes, desc=f"{way}-way {shot}-shot episodes", unit="ep", disable=not progress, leave=False)
     for start in range(0, episodes, chunk):
         count = min(chunk, episodes - start)
@@ -167,12 +185,11 @@ def episode_accuracies(model: FsarModel, encoded: EncodedSplit, *, way: int = 5,
                 logits = classify(query_feats, prototypes, text_feats)  # [E, N*Q, N]
             else:
                 logits = classify(query_feats, prototypes)
-        correct = (logits.argmax(dim=-1) == query_labels).float().mean(dim=1)  # [E]
-        accuracies[start:start + count] = correct.cpu().numpy() * 100.0
+        all_logits[start:start + count] = logits.double().cpu().numpy()
         bar.update(count)
     bar.close()
     model.train(was_training)
-    return accuracies
+    return all_logits
 
 
 @torch.no_grad()
@@ -618,6 +635,141 @@ def open_set_table(checkpoint: Optional[Union[str, Path]], data: Union[str, Path
     result = {"rows": rows, "table": "\n".join(lines), "default_thresholds": thresholds,
               "threshold_source": source, "accept": accept, "way": way, "shot": shot, "query": query,
               "episodes": episodes, "seed": seed, "split": split, "use_text": use_text, **info}
+    if json_path is not None:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+CALIBRATION_FIELDS = ("accuracy", "confidence", "ece", "nll", "brier")
+_CALIBRATION_BOOTSTRAP = 200
+
+
+def _calibration_row(name: str, probs: np.ndarray, labels: np.ndarray, temperature: float,
+                     seed: int) -> Dict[str, Any]:
+    """One row of :func:`calibration_table`: the summary of ``probs [E, M, N]`` over all queries, each
+    field with a 95% interval (ECE: from a bootstrap over episodes; the others over episodes)."""
+    from training.calibration import calibration_summary, expected_calibration_error
+
+    flat_probs, flat_labels = probs.reshape(-1, probs.shape[-1]), labels.reshape(-1)
+    row: Dict[str, Any] = {"probabilities": name, "temperature": temperature,
+                           **calibration_summary(flat_probs, flat_labels)}
+    per_episode = [calibration_summary(p, y) for p, y in zip(probs, labels)]
+    for field in ("accuracy", "confidence", "nll", "brier"):
+        row[field + "_ci95"] = mean_ci95(np.array([s[field] for s in per_episode]))[1]
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(_CALIBRATION_BOOTSTRAP):  # episodes drawn with replacement
+        pick = rng.integers(0, len(probs), len(probs))
+        draws.append(expected_calibration_error(probs[pick].reshape(-1, probs.shape[-1]), labels[pick].reshape(-1)))
+    row["ece_ci95"] = 1.96 * float(np.std(draws))
+    return row
+
+
+def _split_logits(model: FsarModel, data: Union[str, Path], name: str, *, way: int, shot: int, query: int,
+                  episodes: int, seed: int, use_text: bool, batch_size: int, num_workers: int,
+                  progress: bool) -> np.ndarray:
+    """:func:`episode_logits` of split ``name``, encoded once: ``[episodes, way * query, way]``."""
+    from training.data import load_dataset
+
+    dataset = load_dataset(data, name, num_frames=model.num_frames, size=model.image_size[0], mode="test")
+    if len(dataset.classes) < way:
+        raise ValueError(f"split {name!r} has {len(dataset.classes)} classes; a {way}-way episode needs {way}")
+    encoded = encode_split(model, dataset, batch_size=batch_size, num_workers=num_workers, progress=progress,
+                           desc=f"encode {name}")
+    return episode_logits(model, encoded, way=way, shot=shot, query=query, episodes=episodes, seed=seed,
+                          use_text=use_text, progress=progress)
+
+
+def _fit_calibration(model: FsarModel, data: Union[str, Path], fit_split: str, *, way: int, shot: int, query: int,
+                     episodes: int, seed: int, use_text: bool, batch_size: int, num_workers: int,
+                     progress: bool) -> Dict[str, Any]:
+    """The temperature fitted on ``fit_split``'s episodes and how: ``{"temperature", "split", "way", ...,
+    "nll_before", "nll_after"}`` (what :func:`training.checkpoint.record_calibration` stores)."""
+    from training.calibration import fit_temperature, nll
+
+    for name, value in (("way", way), ("shot", shot), ("query", query), ("episodes", episodes)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if way < 2:
+        raise ValueError("calibration needs at least 2 classes an episode (way >= 2)")
+    logits = _split_logits(model, data, fit_split, way=way, shot=shot, query=query, episodes=episodes, seed=seed,
+                           use_text=use_text, batch_size=batch_size, num_workers=num_workers,
+                           progress=progress).reshape(-1, way)
+    labels = np.tile(np.repeat(np.arange(way), query), episodes)
+    temperature = fit_temperature(logits, labels)
+    return {"temperature": temperature, "split": fit_split, "way": way, "shot": shot, "query": query,
+            "episodes": episodes, "seed": seed, "use_text": use_text, "nll_before": nll(logits, labels),
+            "nll_after": nll(logits, labels, temperature)}
+
+
+def calibrate_checkpoint(checkpoint: Union[str, Path], data: Union[str, Path], fit_split: str = "val", way: int = 5,
+                         shot: int = 1, query: int = 1, episodes: int = 2000, seed: int = DEFAULT_EVAL_SEED, *,
+                         use_text: bool = True, batch_size: int = 16, num_workers: int = 2,
+                         device: Optional[str] = None, progress: bool = True) -> Dict[str, Any]:
+    """Fit the temperature of a checkpoint's few-shot probabilities on ``fit_split`` and record it in the
+    checkpoint (``meta["calibration"]``; what ``fsar eval --calibrate --record`` does without the test
+    table). Returns the record."""
+    from training.checkpoint import record_calibration
+
+    model, _ = load_for_eval(checkpoint, None, device)
+    model.eval()
+    fit = _fit_calibration(model, data, fit_split, way=way, shot=shot, query=query, episodes=episodes, seed=seed,
+                           use_text=use_text, batch_size=batch_size, num_workers=num_workers, progress=progress)
+    record_calibration(checkpoint, fit)
+    return fit
+
+
+def calibration_table(checkpoint: Union[str, Path], data: Union[str, Path], split: str = "test", way: int = 5,
+                      shot: int = 1, query: int = 1, episodes: int = 2000, seed: int = DEFAULT_EVAL_SEED,
+                      record: bool = False, fit_split: str = "val", json_path: Optional[Union[str, Path]] = None,
+                      batch_size: int = 16, num_workers: int = 2, *, use_text: bool = True,
+                      device: Optional[str] = None, progress: bool = True) -> Dict[str, Any]:
+    """Do the model's few-shot probabilities mean what they say? Temperature scaling, fitted and checked.
+
+    Fits the temperature ``T`` (:func:`training.calibration.fit_temperature`) on ``fit_split``'s seeded
+    ``way``-way ``shot``-shot episodes (classes the evaluation does not use), then on ``split``'s episodes
+    (the same count and seed) compares the probabilities as the model gives them, as served with the
+    temperature the checkpoint records (when it records one), and with the fitted ``T``: accuracy (the
+    same in every row: temperature keeps the ranking), mean confidence, ECE, NLL and Brier score. With
+    ``record`` the fitted ``T`` is written into the checkpoint (``meta["calibration"]``), which the
+    gateway then applies to every few-shot answer.
+
+    Returns:
+        ``{"rows": [...], "table": markdown, "temperature", "fit": {...}, "recorded_before", "way", "shot",
+        "query", "episodes", "seed", "split", "checkpoint", "checkpoint_hash"}``; also written to ``json_path``.
+    """
+    from training.calibration import recorded_temperature, temper
+    from training.checkpoint import read_checkpoint_meta, record_calibration
+
+    model, info = load_for_eval(checkpoint, None, device)
+    model.eval()
+    before = recorded_temperature(read_checkpoint_meta(checkpoint))
+    common = dict(way=way, shot=shot, query=query, episodes=episodes, seed=seed, use_text=use_text,
+                  batch_size=batch_size, num_workers=num_workers, progress=progress)
+    fit = _fit_calibration(model, data, fit_split, **common)
+    temperature = fit["temperature"]
+    if record:
+        record_calibration(checkpoint, fit)
+    test_logits = _split_logits(model, data, split, **common)  # [E, N*Q, N]
+    labels = np.broadcast_to(np.repeat(np.arange(way), query), test_logits.shape[:2])
+    shifted = np.exp(test_logits - test_logits.max(axis=-1, keepdims=True))
+    probs = shifted / shifted.sum(axis=-1, keepdims=True)  # [E, M, N] as the model gives them
+
+    candidates = [("as the model gives them", 1.0)]
+    if before != 1.0:
+        candidates.append(("recorded before this run", before))
+    candidates.append((f"fitted on {fit_split}" + (" (now recorded)" if record else ""), temperature))
+    rows = [_calibration_row(name, temper(probs, t), labels, t, seed) for name, t in candidates]
+    lines = [f"| probabilities ({split}, {way}-way {shot}-shot, {episodes} episodes) | T | accuracy % | "
+             f"confidence % | ECE % | NLL | Brier |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['probabilities']} | {r['temperature']:.3g} | "
+                     + " | ".join(f"{r[f]:.2f} ± {r[f + '_ci95']:.2f}" if f in ("accuracy", "confidence", "ece")
+                                  else f"{r[f]:.3f} ± {r[f + '_ci95']:.3f}" for f in CALIBRATION_FIELDS) + " |")
+    result = {"rows": rows, "table": "\n".join(lines), "temperature": temperature, "fit": fit,
+              "recorded_before": before if before != 1.0 else None, "recorded": record, "way": way, "shot": shot,
+              "query": query, "episodes": episodes, "seed": seed, "split": split, "use_text": use_text, **info}
     if json_path is not None:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
