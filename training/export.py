@@ -179,6 +179,8 @@ def _write_repository(repository: Path, meta: Mapping[str, Any], checkpoint: Opt
     parameters = card.to_triton_parameters()
     if meta.get("open_set"):  # thresholds `fsar eval --open-set --record` measured: the gateway reads them
         parameters["fsar_open_set"] = json.dumps(meta["open_set"], sort_keys=True)
+    if meta.get("calibration"):  # the temperature `fsar eval --calibrate --record` fitted: the gateway applies it
+        parameters["fsar_calibration"] = json.dumps(meta["calibration"], sort_keys=True)
     kind = INSTANCE_KINDS[instance_kind]
     configs = {
         "text_encoder": _text_encoder_config(embed_dim, kind, max_batch_size, queue_delay_us, parameters),

@@ -93,7 +93,9 @@ class SupportSetList(BaseModel):
 
 class Prediction(BaseModel):
     label: str
-    score: float = Field(description="Probability; scores of all candidates sum to 1.")
+    score: float = Field(description="Probability; scores of all candidates sum to 1. Few-shot probabilities are "
+                                     "scaled by the temperature the checkpoint records (GET /model's calibration), "
+                                     "so they say how often such an answer is right; the ranking is the model's.")
     source: Literal["support", "text", "both"] = Field(
         description="'support': a support-set class; 'text': a label given only as text; 'both'.")
 
@@ -216,4 +218,8 @@ class ModelCard(BaseModel):
     weights_source: str | None = None
     demo: bool = False
     description: str = Field(description="One line for humans; says 'demo model' in demo mode.")
+    calibration: dict[str, Any] | None = Field(
+        None, description="The temperature T of the few-shot probabilities and how it was fitted (`fsar eval "
+                          "--calibrate --record`): answers report softmax(log p / T). null: T = 1, the "
+                          "probabilities as the model gives them.")
     store: dict[str, Any]

@@ -20,6 +20,7 @@ import torch
 from service.backends.base import Backend
 from service.errors import BackendUnavailable
 from service.settings import Settings
+from training.calibration import recorded_temperature
 
 if TYPE_CHECKING:
     from training.model.runner import ModelRunner
@@ -102,6 +103,7 @@ class EmbeddedBackend(Backend):
             torch.set_num_threads(cpu_threads_per_model_call(self.settings))
         loop = asyncio.get_running_loop()
         self.runner, self.meta = await loop.run_in_executor(self._pool, self._load)
+        recorded_temperature(self.meta)  # a malformed calibration record stops start-up, not every answer
         self.runner = await loop.run_in_executor(self._pool, self._encoder_runtime, self.runner)
         self._info = self._describe()
         log.info("embedded backend: %s on %s (%d model calls at once%s), %s trainable parameters, "
@@ -202,6 +204,8 @@ class EmbeddedBackend(Backend):
             "demo": bool(self.settings.demo),
             # thresholds `fsar eval --open-set --record` measured for this checkpoint (none: the defaults)
             **({"open_set": self.meta["open_set"]} if self.meta.get("open_set") else {}),
+            # the temperature `fsar eval --calibrate --record` fitted (none: probabilities as the model gives them)
+            **({"calibration": self.meta["calibration"]} if self.meta.get("calibration") else {}),
         }
 
     def info(self) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from service.backends.triton_pool import (HEAD_MODEL, MODEL_NAMES, TEXT_MODEL, V
 from service.backends.triton_targets import parse_targets
 from service.errors import BackendUnavailable
 from service.settings import Settings
+from training.calibration import recorded_temperature
 from training.model.card import ModelCard
 
 log = logging.getLogger(__name__)
@@ -134,6 +135,8 @@ class TritonBackend(Backend):
     def _describe(self, params: dict[str, str]) -> dict[str, Any]:
         """`info()` from one model's `fsar_*` parameters: the model card plus where it is served."""
         card = ModelCard.from_triton_parameters(params)
+        calibration = json.loads(params["fsar_calibration"]) if params.get("fsar_calibration") else None
+        recorded_temperature({"calibration": calibration})  # a malformed record fails here, not in every answer
         return {
             "backend": self.name,
             **card.to_dict(),
@@ -144,6 +147,8 @@ class TritonBackend(Backend):
             "triton_url": self.url,
             # thresholds `fsar eval --open-set --record` measured for the exported checkpoint (none: the defaults)
             **({"open_set": json.loads(params["fsar_open_set"])} if params.get("fsar_open_set") else {}),
+            # the temperature `fsar eval --calibrate --record` fitted for it (none: T = 1)
+            **({"calibration": calibration} if calibration else {}),
         }
 
     # ------------------------------------------------------------------ requests

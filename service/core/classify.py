@@ -25,6 +25,7 @@ from service.bounds import MAX_SEGMENT_S, MIN_SEGMENT_S
 from service.errors import InvalidField, PayloadTooLarge
 from service.settings import Settings
 from training import open_set
+from training.calibration import temper
 
 Source = Literal["support", "text", "both"]
 Mode = Literal["few-shot", "zero-shot", "hybrid"]
@@ -130,7 +131,10 @@ class Classifier:
         is above the set's calibrated threshold, or above `unknown_threshold` when the request gives one.
         The ranked predictions do not change.
 
-        Scores are probabilities summing to 1 over all candidates; `top_k` keeps the best k.
+        Scores are probabilities summing to 1 over all candidates; `top_k` keeps the best k. The few-shot
+        probabilities (before any hybrid mix) are tempered with the temperature the checkpoint records
+        (`fsar eval --calibrate --record`; `training.calibration.temper`; T = 1 without one), so they say
+        how often such an answer is right; rankings and `open_set_score` do not depend on it.
         `explain` adds an `explanation` (`service.core.explain.Explainer.explain`; whole videos only).
         """
         labels = unique(clean_labels(labels or []))
@@ -213,6 +217,9 @@ class Classifier:
                     few_probs = softmax(await self._backend.classify(queries, prototypes, class_text, metric=metric))
                 else:
                     few_probs = await self._mixed(queries, q2s, class_text, text_weight)  # [Q, N]
+            # The model's few-shot probabilities at the temperature its checkpoint records (1: as they are):
+            # the ranking stays, the numbers say how often such an answer is right (training.calibration).
+            few_probs = temper(few_probs, self._model.temperature)
             candidates = classes
             sources = {label: "support" for label in classes}
         if labels:

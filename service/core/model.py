@@ -5,6 +5,7 @@ from typing import Any
 
 from service.backends.base import Backend
 from service.errors import Conflict, InvalidField
+from training.calibration import recorded_temperature
 
 #: The fields of the short model description embedded in responses (`ModelRef`).
 _REF_FIELDS = ("fingerprint", "backbone", "adapter", "metric", "checkpoint_hash", "weights_source", "demo")
@@ -48,6 +49,12 @@ class ModelFacts:
         `{"open_set": {...}}`, or {} (then `training.open_set.DEFAULT_THRESHOLDS` apply)."""
         recorded = self.info.get("open_set")
         return {"open_set": recorded} if recorded else {}
+
+    @property
+    def temperature(self) -> float:
+        """The temperature of the few-shot probabilities (`fsar eval --calibrate --record`;
+        `training.calibration`): answers report `softmax(log p / T)`. 1.0 when the checkpoint records none."""
+        return recorded_temperature(self.info)
 
     def ref(self) -> dict[str, Any]:
         """The short model description embedded in responses."""

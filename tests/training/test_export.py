@@ -16,7 +16,7 @@ import torch
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from training.checkpoint import record_open_set, save_checkpoint
+from training.checkpoint import record_calibration, record_open_set, save_checkpoint
 from training.export import (CHECKPOINT_FILE, METADATA_FILE, MODEL_NAMES, ExportError, export_repository,
                              write_placeholder_repository)
 from training.model import FsarModel, ModelConfig, build_model
@@ -43,6 +43,7 @@ def _tiny_model() -> FsarModel:
 
 OPEN_SET_RECORD = {"default_thresholds": {"distance": 0.4321, "msp": 0.5, "margin": 0.6}, "score": "distance",
                    "accept": 0.95, "split": "val", "way": 5, "shot": 1, "query": 1, "episodes": 10, "seed": 1}
+CALIBRATION_RECORD = {"temperature": 7.5, "split": "val", "way": 5, "shot": 1, "episodes": 10, "seed": 1}
 
 
 def _frames(videos: int, seed: int) -> np.ndarray:
@@ -64,6 +65,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory):
     checkpoint = work / "tiny.pt"
     checkpoint_hash = save_checkpoint(checkpoint, model, step=5, metrics={"val_acc": np.float32(40.0)})
     record_open_set(checkpoint, OPEN_SET_RECORD)  # as `fsar eval --open-set --record` does
+    record_calibration(checkpoint, CALIBRATION_RECORD)  # as `fsar eval --calibrate --record` does
     repository = work / "model_repository"
     summary = export_repository(checkpoint, repository, version=1, instance_kind="cpu",
                                 max_batch_size=8, queue_delay_us=20000)
@@ -124,9 +126,10 @@ async def test_triton_reports_model_facts_in_config_parameters(exported) -> None
     assert (params["fsar_backbone"], params["fsar_adapter"], params["fsar_metric"]) == ("fsar-tiny", "ted+ma", "otam")
     assert json.loads(params["fsar_model_config"]) == exported["model"].config.to_dict()
     assert json.loads(params["fsar_open_set"]) == OPEN_SET_RECORD
+    assert json.loads(params["fsar_calibration"]) == CALIBRATION_RECORD
 
 
-async def test_gateway_behind_triton_reads_the_recorded_open_set_thresholds(exported) -> None:
+async def test_gateway_behind_triton_reads_the_recorded_open_set_thresholds_and_temperature(exported) -> None:
     from service.backends.triton import TritonBackend
     from service.settings import Settings
 
@@ -139,6 +142,7 @@ async def test_gateway_behind_triton_reads_the_recorded_open_set_thresholds(expo
     assert info["fingerprint"] == exported["model"].fingerprint()
     # The same record the embedded backend reads from the checkpoint: calibration uses it, not the defaults.
     assert info["open_set"] == OPEN_SET_RECORD
+    assert info["calibration"] == CALIBRATION_RECORD  # the gateway tempers few-shot answers with it
 
 
 async def test_text_features_match_in_process(exported) -> None:
