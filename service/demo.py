@@ -5,8 +5,10 @@
    image tower ships in the repository and is rebuilt in seconds), unit frames, frame centering,
    identity TPCM and OTAM, **without training**: on held-out classes of two independent synthetic datasets no
    training recipe beat this training-free model (docs/learning.md). ``--train`` trains the preset
-   instead. The checkpoint is cached and later runs reuse it while the preset, the overrides and
-   ``--train`` are the same (otherwise it is made again);
+   instead. Its few-shot probabilities are then calibrated: a temperature fitted on the validation
+   classes (``training.calibration``) is recorded in the checkpoint, so a printed p says how often such
+   an answer is right. The checkpoint is cached and later runs reuse it while the preset, the overrides,
+   ``--train`` and the calibration recipe are the same (otherwise it is made again);
 3. serves that checkpoint with the embedded backend (`demo=True`: the model card says "demo model");
 4. registers a support set (``shots`` clips per held-out test class) over HTTP, classifies held-out
    clips of those classes over HTTP, prints each answer beside the frame-mean baseline (the same
@@ -27,6 +29,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 DEFAULT_WORKDIR = Path("runs")
 PRESET = "synthetic-tiny"
+# How the demo model's probabilities are calibrated once it is made (`training.calibration`): a temperature
+# fitted on the demo data's validation classes (never the held-out test classes the demo classifies), at the
+# demo's own size (its 6 held-out classes, one shot each).
+CALIBRATION = {"split": "val", "way": 6, "shot": 1, "episodes": 1000}
 
 
 @dataclass
@@ -68,7 +74,8 @@ def demo_recipe(overrides: Sequence[str] = (), train_model: bool = False) -> str
     is trained. A cached model is reused only when this matches."""
     from training.config import load_config
 
-    made_of = {"config": load_config(PRESET, list(overrides)).to_dict(), "trained": bool(train_model)}
+    made_of = {"config": load_config(PRESET, list(overrides)).to_dict(), "trained": bool(train_model),
+               "calibration": CALIBRATION}
     return hashlib.sha256(json.dumps(made_of, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -99,6 +106,7 @@ def ensure_checkpoint(data_dir: Path, run_dir: Path, say: Callable[[str], None],
         say(f"demo model: the '{PRESET}' preset without training (stand-in pretrained tiny backbone, unit "
             f"frames, frame centering, OTAM; cached in {run_dir})")
         checkpoint = untrained_checkpoint(PRESET, run_dir, overrides, progress=False)
+        calibrate(checkpoint, data_dir, say)
         done.write_text(json.dumps({"checkpoint": str(checkpoint), "trained": False, "recipe": recipe}, indent=2))
         say(f"demo model: ready in {time.perf_counter() - started:.0f} s")
         return checkpoint, True
@@ -107,12 +115,32 @@ def ensure_checkpoint(data_dir: Path, run_dir: Path, say: Callable[[str], None],
     say(f"demo model: training the '{PRESET}' preset on CPU (once; cached in {run_dir})")
     summary = train(PRESET, data_dir, run_dir, max_steps=max_steps, overrides=list(overrides), resume=True)
     checkpoint = Path(summary.get("best_checkpoint") or summary["last_checkpoint"])
+    calibrate(checkpoint, data_dir, say)
     done.write_text(json.dumps({"checkpoint": str(checkpoint), "steps": summary.get("steps"), "trained": True,
                                 "recipe": recipe,
                                 "best_val_accuracy": summary.get("best_val_accuracy")}, indent=2))
     say(f"demo model: {summary.get('steps')} steps in {summary.get('elapsed_s', 0):.0f} s, "
         f"validation accuracy {summary.get('best_val_accuracy')}")
     return checkpoint, True
+
+
+def calibrate(checkpoint: Path, data_dir: Path, say: Callable[[str], None]) -> Optional[float]:
+    """Fit the temperature of the demo model's few-shot probabilities on the validation classes and record
+    it in the checkpoint (the gateway applies it); returns it, or None when the data cannot calibrate."""
+    from training.evaluate import calibrate_checkpoint
+
+    started = time.perf_counter()
+    try:
+        fit = calibrate_checkpoint(checkpoint, data_dir, CALIBRATION["split"], way=CALIBRATION["way"],
+                                   shot=CALIBRATION["shot"], episodes=CALIBRATION["episodes"], num_workers=0,
+                                   progress=False)
+    except ValueError as err:  # e.g. a dataset without a large enough val split
+        say(f"demo model: probabilities left uncalibrated ({err})")
+        return None
+    say(f"demo model: probabilities calibrated on the {CALIBRATION['split']} classes (temperature "
+        f"{fit['temperature']:.3g}; their log-loss {fit['nll_before']:.2f} -> {fit['nll_after']:.2f}) in "
+        f"{time.perf_counter() - started:.0f} s")
+    return float(fit["temperature"])
 
 
 def _split_videos(data_dir: Path, split: str) -> Dict[str, List[Path]]:
@@ -252,7 +280,8 @@ def run_demo(workdir: Path = DEFAULT_WORKDIR, host: str = "127.0.0.1", port: Opt
         for sample, label in zip(result.samples, baseline):
             sample["frame_mean"] = label
         say("")
-        say("held-out clips (never registered): few-shot top-1 (served, OTAM) | frame-mean baseline | truth")
+        say("held-out clips (never registered): few-shot top-1 (served, OTAM; p = its calibrated probability) "
+            "| frame-mean baseline | truth")
         for sample in result.samples:
             top = sample["few_shot"][0]
             mark = "ok  " if top["label"] == sample["true_label"] else "miss"

@@ -30,6 +30,12 @@ def test_demo_trains_once_registers_held_out_classes_and_classifies_over_http(tm
     assert any("few-shot top-1" in line and "frame-mean baseline" in line for line in said)
     assert all(s["frame_mean"] in classes for s in result.samples)  # the baseline on the same clips
     assert 0 <= result.frame_mean_correct <= len(result.samples)
+    # Its probabilities were calibrated on the validation classes, never on the held-out ones it classifies.
+    from training.checkpoint import read_checkpoint_meta
+
+    record = read_checkpoint_meta(result.checkpoint)["calibration"]
+    assert record["split"] == "val" and record["temperature"] > 0 and record["nll_after"] <= record["nll_before"]
+    assert any("probabilities calibrated on the val classes" in line for line in said)
 
     # A second run, with two shots a class, reuses the cached checkpoint and dataset instead of making
     # them again, classifies the same held-out clips (so answers compare across shot counts), none of
@@ -46,6 +52,7 @@ def test_demo_trains_once_registers_held_out_classes_and_classifies_over_http(tm
                      say=grab)
     assert not again.trained_now and again.checkpoint == result.checkpoint
     assert "demo model" in seen["card"]["description"]
+    assert seen["card"]["calibration"] == record  # the gateway serves with the recorded temperature
     for sample in again.samples:
         scores = [p["score"] for p in sample["few_shot"]]
         assert all(0.0 <= s <= 1.0 and not math.isnan(s) for s in scores) and sum(scores) <= 1.0 + 1e-5
