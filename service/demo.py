@@ -29,10 +29,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 DEFAULT_WORKDIR = Path("runs")
 PRESET = "synthetic-tiny"
-# How the demo model's probabilities are calibrated once it is made (`training.calibration`): a temperature
+# How the demo model's probabilities are calibrated once it is made (`training.calibration`): temperatures
 # fitted on the demo data's validation classes (never the held-out test classes the demo classifies), at the
-# demo's own size (its 6 held-out classes, one shot each).
-CALIBRATION = {"split": "val", "way": 6, "shot": 1, "episodes": 1000}
+# demo's own size (its 6 held-out classes), for 1, 5 and 10 shots a class.
+CALIBRATION = {"split": "val", "way": 6, "episodes": 1000}
 
 
 @dataclass
@@ -132,14 +132,14 @@ def calibrate(checkpoint: Path, data_dir: Path, say: Callable[[str], None]) -> O
     started = time.perf_counter()
     try:
         fit = calibrate_checkpoint(checkpoint, data_dir, CALIBRATION["split"], way=CALIBRATION["way"],
-                                   shot=CALIBRATION["shot"], episodes=CALIBRATION["episodes"], num_workers=0,
-                                   progress=False)
+                                   episodes=CALIBRATION["episodes"], num_workers=0, progress=False)
     except ValueError as err:  # e.g. a dataset without a large enough val split
         say(f"demo model: probabilities left uncalibrated ({err})")
         return None
-    say(f"demo model: probabilities calibrated on the {CALIBRATION['split']} classes (temperature "
-        f"{fit['temperature']:.3g}; their log-loss {fit['nll_before']:.2f} -> {fit['nll_after']:.2f}) in "
-        f"{time.perf_counter() - started:.0f} s")
+    temperatures = ", ".join(f"{t:.3g} at {s} shot{'s' * (s != '1')}" for s, t in fit["temperatures"].items())
+    before, after = fit["nll"][next(iter(fit["nll"]))]
+    say(f"demo model: probabilities calibrated on the {CALIBRATION['split']} classes (temperature {temperatures}; "
+        f"one-shot log-loss there {before:.2f} -> {after:.2f}) in {time.perf_counter() - started:.0f} s")
     return float(fit["temperature"])
 
 

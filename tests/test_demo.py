@@ -34,7 +34,9 @@ def test_demo_trains_once_registers_held_out_classes_and_classifies_over_http(tm
     from training.checkpoint import read_checkpoint_meta
 
     record = read_checkpoint_meta(result.checkpoint)["calibration"]
-    assert record["split"] == "val" and record["temperature"] > 0 and record["nll_after"] <= record["nll_before"]
+    assert record["split"] == "val" and record["temperature"] == record["temperatures"]["1"] > 0
+    assert set(record["temperatures"]) == {"1", "5", "10"}  # the demo data has 60 clips a class
+    assert all(after <= before for before, after in record["nll"].values())
     assert any("probabilities calibrated on the val classes" in line for line in said)
 
     # A second run, with two shots a class, reuses the cached checkpoint and dataset instead of making

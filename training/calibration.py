@@ -15,9 +15,13 @@ constant when ``alpha = 0``, else the log of the Q2S / Q2T mixture), so for a mo
     probs = temper(probs, T)                      # [Q, N] probabilities as served -> calibrated ones
     calibration_summary(probs, labels)            # accuracy, confidence, ECE, NLL, Brier
 
-``fsar eval --calibrate --record`` fits ``T`` on the val split and writes it into the checkpoint
-(``meta["calibration"]``); the gateway reads it from the embedded checkpoint or the Triton models'
-``fsar_calibration`` parameter. Without one, ``T = 1`` (the probabilities as the model gives them).
+The fewer the shots, the less sure a right answer should be, so ``fsar eval --calibrate --record`` fits
+one ``T`` per shot count of :data:`FIT_SHOTS` (1, 5, 10) on the val split and writes them into the
+checkpoint (``meta["calibration"]``: ``{"temperature": T at 1 shot, "temperatures": {"1": .., "5": ..,
+"10": ..}, ...}``); the gateway reads it from the embedded checkpoint or the Triton models'
+``fsar_calibration`` parameter and uses, for a support set, the temperature for its smallest class's shot
+count (:func:`recorded_temperature`, interpolated in log shots). Without a record, ``T = 1`` (the
+probabilities as the model gives them).
 """
 from __future__ import annotations
 
@@ -31,6 +35,10 @@ ECE_BINS = 15
 
 T_BOUNDS = (1e-3, 1e4)
 """The range :func:`fit_temperature` searches; a fit at a bound means the data asked for more."""
+
+FIT_SHOTS = (1, 5, 10)
+"""Shot counts ``fsar eval --calibrate`` fits a temperature at (those the split has clips for): the fewer
+the shots, the less sure a right answer, so one temperature does not serve all (docs/learning.md)."""
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -143,17 +151,60 @@ def calibration_summary(probs: np.ndarray, labels: np.ndarray) -> Dict[str, floa
     }
 
 
-def recorded_temperature(meta: Optional[Mapping[str, Any]]) -> float:
+def _valid_temperature(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _by_shots(record: Mapping[str, Any]) -> Dict[int, float]:
+    """``record["temperatures"]`` (``{"1": T1, "5": T5, ...}``) as ``{shots: T}``; {} when absent."""
+    table = record.get("temperatures")
+    if table is None:
+        return {}
+    if not isinstance(table, Mapping) or not table:
+        raise ValueError(f"the recorded calibration's temperatures are not a {{shots: T}} table: {table!r}")
+    out: Dict[int, float] = {}
+    for key, value in table.items():
+        shots = int(key) if isinstance(key, (int, str)) and str(key).isdigit() else 0
+        if shots < 1 or not _valid_temperature(value):
+            raise ValueError(f"the recorded calibration has a bad entry {key!r}: {value!r} (shots >= 1, T > 0)")
+        out[shots] = float(value)
+    return out
+
+
+def temperature_for_shots(by_shots: Mapping[int, float], shots: int) -> float:
+    """The temperature for support sets with ``shots`` clips a class, from temperatures fitted at some
+    shot counts: linear in ``log shots`` between the two nearest (``log T`` interpolated), the nearest
+    one's outside their range. Measured: fitted at 1 and 5 shots, this predicts 2 and 3 shots about as
+    well as fitting there (docs/learning.md)."""
+    if shots in by_shots:
+        return float(by_shots[shots])
+    points = sorted(by_shots.items())
+    if shots <= points[0][0]:
+        return points[0][1]
+    if shots >= points[-1][0]:
+        return points[-1][1]
+    for (s0, t0), (s1, t1) in zip(points, points[1:]):
+        if s0 <= shots <= s1:
+            x = (math.log(shots) - math.log(s0)) / (math.log(s1) - math.log(s0))
+            return float(math.exp((1 - x) * math.log(t0) + x * math.log(t1)))
+    raise AssertionError("unreachable")
+
+
+def recorded_temperature(meta: Optional[Mapping[str, Any]], shots: Optional[int] = None) -> float:
     """The temperature a checkpoint's meta (or a served model's info) records under ``calibration``,
-    else 1.0. A malformed record is an error, not a silent 1.0."""
+    else 1.0. ``shots``: the support set's clips a class (its smallest class); a record fitted at several
+    shot counts (``temperatures``) gives :func:`temperature_for_shots`, otherwise ``temperature``. A
+    malformed record is an error, not a silent 1.0."""
     record = (meta or {}).get("calibration")
     if not record:
         return 1.0
-    value = record.get("temperature") if isinstance(record, Mapping) else None
-    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0):
+    if not isinstance(record, Mapping) or not _valid_temperature(record.get("temperature")):
         raise ValueError(f"the recorded calibration has no valid temperature: {record!r}")
-    return float(value)
+    by_shots = _by_shots(record)
+    if shots is not None and by_shots:
+        return temperature_for_shots(by_shots, max(1, int(shots)))
+    return float(record["temperature"])
 
 
-__all__ = ["ECE_BINS", "T_BOUNDS", "temper", "nll", "fit_temperature", "expected_calibration_error",
-           "calibration_summary", "recorded_temperature"]
+__all__ = ["ECE_BINS", "T_BOUNDS", "FIT_SHOTS", "temper", "nll", "fit_temperature", "expected_calibration_error",
+           "calibration_summary", "temperature_for_shots", "recorded_temperature"]

@@ -666,55 +666,66 @@ def _calibration_row(name: str, probs: np.ndarray, labels: np.ndarray, temperatu
     return row
 
 
-def _split_logits(model: FsarModel, data: Union[str, Path], name: str, *, way: int, shot: int, query: int,
-                  episodes: int, seed: int, use_text: bool, batch_size: int, num_workers: int,
-                  progress: bool) -> np.ndarray:
-    """:func:`episode_logits` of split ``name``, encoded once: ``[episodes, way * query, way]``."""
+def _encoded_split(model: FsarModel, data: Union[str, Path], name: str, *, way: int, batch_size: int,
+                   num_workers: int, progress: bool) -> EncodedSplit:
+    """Split ``name`` encoded once, refused when it has fewer than ``way`` classes."""
     from training.data import load_dataset
 
     dataset = load_dataset(data, name, num_frames=model.num_frames, size=model.image_size[0], mode="test")
     if len(dataset.classes) < way:
         raise ValueError(f"split {name!r} has {len(dataset.classes)} classes; a {way}-way episode needs {way}")
-    encoded = encode_split(model, dataset, batch_size=batch_size, num_workers=num_workers, progress=progress,
-                           desc=f"encode {name}")
-    return episode_logits(model, encoded, way=way, shot=shot, query=query, episodes=episodes, seed=seed,
-                          use_text=use_text, progress=progress)
+    return encode_split(model, dataset, batch_size=batch_size, num_workers=num_workers, progress=progress,
+                        desc=f"encode {name}")
 
 
-def _fit_calibration(model: FsarModel, data: Union[str, Path], fit_split: str, *, way: int, shot: int, query: int,
+def _fit_calibration(model: FsarModel, data: Union[str, Path], fit_split: str, *, way: int, query: int,
                      episodes: int, seed: int, use_text: bool, batch_size: int, num_workers: int,
                      progress: bool) -> Dict[str, Any]:
-    """The temperature fitted on ``fit_split``'s episodes and how: ``{"temperature", "split", "way", ...,
-    "nll_before", "nll_after"}`` (what :func:`training.checkpoint.record_calibration` stores)."""
-    from training.calibration import fit_temperature, nll
+    """Temperatures fitted on ``fit_split``'s episodes at each shot count of
+    :data:`training.calibration.FIT_SHOTS` the split has clips for (``shots + query`` a class), and how:
+    ``{"temperature": T at the fewest shots, "temperatures": {"1": T, ...}, "nll": {"1": [before, after],
+    ...}, "split", "way", "query", "episodes", "seed", "use_text"}`` (what
+    :func:`training.checkpoint.record_calibration` stores)."""
+    from training.calibration import FIT_SHOTS, fit_temperature, nll
 
-    for name, value in (("way", way), ("shot", shot), ("query", query), ("episodes", episodes)):
+    for name, value in (("way", way), ("query", query), ("episodes", episodes)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if way < 2:
         raise ValueError("calibration needs at least 2 classes an episode (way >= 2)")
-    logits = _split_logits(model, data, fit_split, way=way, shot=shot, query=query, episodes=episodes, seed=seed,
-                           use_text=use_text, batch_size=batch_size, num_workers=num_workers,
-                           progress=progress).reshape(-1, way)
-    labels = np.tile(np.repeat(np.arange(way), query), episodes)
-    temperature = fit_temperature(logits, labels)
-    return {"temperature": temperature, "split": fit_split, "way": way, "shot": shot, "query": query,
-            "episodes": episodes, "seed": seed, "use_text": use_text, "nll_before": nll(logits, labels),
-            "nll_after": nll(logits, labels, temperature)}
+    encoded = _encoded_split(model, data, fit_split, way=way, batch_size=batch_size, num_workers=num_workers,
+                             progress=progress)
+    counts = np.bincount(encoded.labels.numpy())
+    fewest = int(np.sort(counts[counts > 0])[-way])  # the way-th largest class: episodes need `way` such classes
+    temperatures: Dict[str, float] = {}
+    losses: Dict[str, list] = {}
+    for shots in (s for s in FIT_SHOTS if s + query <= fewest):
+        logits = episode_logits(model, encoded, way=way, shot=shots, query=query, episodes=episodes, seed=seed,
+                                use_text=use_text, progress=progress).reshape(-1, way)
+        labels = np.tile(np.repeat(np.arange(way), query), episodes)
+        temperatures[str(shots)] = fit_temperature(logits, labels)
+        losses[str(shots)] = [nll(logits, labels), nll(logits, labels, temperatures[str(shots)])]
+    if not temperatures:
+        raise ValueError(f"split {fit_split!r} has too few clips a class for a {way}-way 1-shot episode with "
+                         f"{query} quer{'y' if query == 1 else 'ies'} a class")
+    first = next(iter(temperatures))
+    return {"temperature": temperatures[first], "temperatures": temperatures, "nll": losses, "split": fit_split,
+            "way": way, "query": query, "episodes": episodes, "seed": seed, "use_text": use_text}
 
 
 def calibrate_checkpoint(checkpoint: Union[str, Path], data: Union[str, Path], fit_split: str = "val", way: int = 5,
-                         shot: int = 1, query: int = 1, episodes: int = 2000, seed: int = DEFAULT_EVAL_SEED, *,
+                         query: int = 1, episodes: int = 2000, seed: int = DEFAULT_EVAL_SEED, *,
                          use_text: bool = True, batch_size: int = 16, num_workers: int = 2,
                          device: Optional[str] = None, progress: bool = True) -> Dict[str, Any]:
-    """Fit the temperature of a checkpoint's few-shot probabilities on ``fit_split`` and record it in the
-    checkpoint (``meta["calibration"]``; what ``fsar eval --calibrate --record`` does without the test
-    table). Returns the record."""
+    """Fit the temperatures of a checkpoint's few-shot probabilities on ``fit_split`` (one per shot count of
+    :data:`training.calibration.FIT_SHOTS` the split allows) and record them in the checkpoint
+    (``meta["calibration"]``; what ``fsar eval --calibrate --record`` does without the test table).
+    Returns the record."""
     from training.checkpoint import record_calibration
 
     model, _ = load_for_eval(checkpoint, None, device)
     model.eval()
-    fit = _fit_calibration(model, data, fit_split, way=way, shot=shot, query=query, episodes=episodes, seed=seed,
+    fit = _fit_calibration(model, data, fit_split, way=way, query=query, episodes=episodes, seed=seed,
                            use_text=use_text, batch_size=batch_size, num_workers=num_workers, progress=progress)
     record_calibration(checkpoint, fit)
     return fit
@@ -727,12 +738,14 @@ def calibration_table(checkpoint: Union[str, Path], data: Union[str, Path], spli
                       device: Optional[str] = None, progress: bool = True) -> Dict[str, Any]:
     """Do the model's few-shot probabilities mean what they say? Temperature scaling, fitted and checked.
 
-    Fits the temperature ``T`` (:func:`training.calibration.fit_temperature`) on ``fit_split``'s seeded
-    ``way``-way ``shot``-shot episodes (classes the evaluation does not use), then on ``split``'s episodes
-    (the same count and seed) compares the probabilities as the model gives them, as served with the
-    temperature the checkpoint records (when it records one), and with the fitted ``T``: accuracy (the
+    Fits temperatures (:func:`training.calibration.fit_temperature`) on ``fit_split``'s seeded ``way``-way
+    episodes (classes the evaluation does not use), one per shot count of
+    :data:`training.calibration.FIT_SHOTS` the split has clips for; then on ``split``'s ``shot``-shot
+    episodes (the same count and seed) compares the probabilities as the model gives them, as served with
+    the temperature the checkpoint records for ``shot`` (when it records one), and with the fitted one for
+    ``shot`` (:func:`training.calibration.recorded_temperature`, as the gateway picks it): accuracy (the
     same in every row: temperature keeps the ranking), mean confidence, ECE, NLL and Brier score. With
-    ``record`` the fitted ``T`` is written into the checkpoint (``meta["calibration"]``), which the
+    ``record`` the fitted temperatures are written into the checkpoint (``meta["calibration"]``), which the
     gateway then applies to every few-shot answer.
 
     Returns:
@@ -744,14 +757,16 @@ def calibration_table(checkpoint: Union[str, Path], data: Union[str, Path], spli
 
     model, info = load_for_eval(checkpoint, None, device)
     model.eval()
-    before = recorded_temperature(read_checkpoint_meta(checkpoint))
-    common = dict(way=way, shot=shot, query=query, episodes=episodes, seed=seed, use_text=use_text,
-                  batch_size=batch_size, num_workers=num_workers, progress=progress)
-    fit = _fit_calibration(model, data, fit_split, **common)
-    temperature = fit["temperature"]
+    before = recorded_temperature(read_checkpoint_meta(checkpoint), shot)
+    common = dict(way=way, batch_size=batch_size, num_workers=num_workers, progress=progress)
+    fit = _fit_calibration(model, data, fit_split, query=query, episodes=episodes, seed=seed, use_text=use_text,
+                           **common)
+    temperature = recorded_temperature({"calibration": fit}, shot)  # for sets of `shot` clips a class
     if record:
         record_calibration(checkpoint, fit)
-    test_logits = _split_logits(model, data, split, **common)  # [E, N*Q, N]
+    test_logits = episode_logits(model, _encoded_split(model, data, split, **common), way=way, shot=shot,
+                                 query=query, episodes=episodes, seed=seed, use_text=use_text,
+                                 progress=progress)  # [E, N*Q, N]
     labels = np.broadcast_to(np.repeat(np.arange(way), query), test_logits.shape[:2])
     shifted = np.exp(test_logits - test_logits.max(axis=-1, keepdims=True))
     probs = shifted / shifted.sum(axis=-1, keepdims=True)  # [E, M, N] as the model gives them

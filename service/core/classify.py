@@ -217,9 +217,10 @@ class Classifier:
                     few_probs = softmax(await self._backend.classify(queries, prototypes, class_text, metric=metric))
                 else:
                     few_probs = await self._mixed(queries, q2s, class_text, text_weight)  # [Q, N]
-            # The model's few-shot probabilities at the temperature its checkpoint records (1: as they are):
-            # the ranking stays, the numbers say how often such an answer is right (training.calibration).
-            few_probs = temper(few_probs, self._model.temperature)
+            # The model's few-shot probabilities at the temperature its checkpoint records for sets with this
+            # few clips a class (1: as they are): the ranking stays, the numbers say how often such an answer
+            # is right (training.calibration).
+            few_probs = temper(few_probs, self._model.temperature(manifest.fewest_shots()))
             candidates = classes
             sources = {label: "support" for label in classes}
         if labels:

@@ -151,6 +151,13 @@ class Manifest:
         self.revision += 1
         self.updated_at = now()
 
+    def fewest_shots(self) -> int:
+        """Clips of the class with the fewest (0 for a set without videos)."""
+        shots: dict[str, int] = {}
+        for video in self.videos:
+            shots[video.label] = shots.get(video.label, 0) + 1
+        return min(shots.values(), default=0)
+
     def remaining_ttl(self) -> float | None:
         """Seconds until the set expires (<= 0: it has), None if it never does."""
         return None if self.expires_at is None else self.expires_at - now()

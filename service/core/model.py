@@ -50,11 +50,11 @@ class ModelFacts:
         recorded = self.info.get("open_set")
         return {"open_set": recorded} if recorded else {}
 
-    @property
-    def temperature(self) -> float:
-        """The temperature of the few-shot probabilities (`fsar eval --calibrate --record`;
-        `training.calibration`): answers report `softmax(log p / T)`. 1.0 when the checkpoint records none."""
-        return recorded_temperature(self.info)
+    def temperature(self, shots: int) -> float:
+        """The temperature of the few-shot probabilities against a set whose smallest class has `shots`
+        clips (`fsar eval --calibrate --record`; `training.calibration.recorded_temperature`): answers
+        report `softmax(log p / T)`. 1.0 when the checkpoint records none."""
+        return recorded_temperature(self.info, shots)
 
     def ref(self) -> dict[str, Any]:
         """The short model description embedded in responses."""

@@ -13,12 +13,12 @@ import pytest
 
 from tests.media import class_video
 from tests.service.test_api import classify, register, running, tiny_settings
-from training.calibration import temper
+from training.calibration import temper, temperature_for_shots
 
 pytestmark = pytest.mark.timeout(180)
 
 LABELS = ["open valve", "stand up", "wave hand"]
-RECORD = {"temperature": 4.0, "split": "val", "way": 3, "shot": 1, "episodes": 10}
+RECORD = {"temperature": 4.0, "temperatures": {"1": 4.0, "5": 2.0}, "split": "val", "way": 3, "episodes": 10}
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +49,8 @@ async def _answers(checkpoint) -> tuple[dict, list[dict]]:
             answers.append((await classify(client, class_video(c, 1), support_set_id=set_id)).json())
             answers.append((await classify(client, class_video(c, 1), support_set_id=set_id, text_weight="0")).json())
         answers.append((await classify(client, class_video(0, 1), support_set_id=set_id, labels=["juggle"])).json())
+        two_shots = (await register(client, [(class_video(c, s), LABELS[c]) for c in range(3) for s in (0, 2)]))["id"]
+        answers.append((await classify(client, class_video(1, 1), support_set_id=two_shots)).json())
         return card, answers
 
 
@@ -64,13 +66,19 @@ async def test_the_recorded_temperature_scales_every_few_shot_answer_and_keeps_t
     assert plain_card["calibration"] is None and card["calibration"] == RECORD
     assert card["fingerprint"] == plain_card["fingerprint"]  # the same model; only its probabilities differ
 
-    for before, after in zip(plain_answers[:-1], answers[:-1]):  # few-shot, with and without text_weight
+    one_shot_t = RECORD["temperatures"]["1"]
+    for before, after in zip(plain_answers[:6], answers[:6]):  # few-shot, with and without text_weight
         assert [p["label"] for p in after["predictions"]] == [p["label"] for p in before["predictions"]]
-        np.testing.assert_allclose(_scores(after, LABELS), temper(_scores(before, LABELS), RECORD["temperature"]),
+        np.testing.assert_allclose(_scores(after, LABELS), temper(_scores(before, LABELS), one_shot_t),
                                    rtol=1e-6, atol=1e-9)
         assert after["predictions"][0]["score"] <= before["predictions"][0]["score"]  # T > 1: less sure
         assert after["open_set_score"] == before["open_set_score"]  # "none of these" is scale-free
+    # A set with two clips a class: the temperature between those fitted at 1 and 5 shots.
+    two_t = temperature_for_shots({1: 4.0, 5: 2.0}, 2)
+    assert 2.0 < two_t < 4.0
+    np.testing.assert_allclose(_scores(answers[7], LABELS), temper(_scores(plain_answers[7], LABELS), two_t),
+                               rtol=1e-6, atol=1e-9)
     # Hybrid: the few-shot part is calibrated, then mixed with the zero-shot part as before.
-    hybrid_before, hybrid_after = plain_answers[-1], answers[-1]
+    hybrid_before, hybrid_after = plain_answers[6], answers[6]
     assert hybrid_after["mode"] == "hybrid" and sum(p["score"] for p in hybrid_after["predictions"]) == pytest.approx(1)
     assert not np.allclose(_scores(hybrid_after, LABELS), _scores(hybrid_before, LABELS))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from training.calibration import (calibration_summary, expected_calibration_error, fit_temperature, nll,
-                                  recorded_temperature, temper)
+                                  recorded_temperature, temper, temperature_for_shots)
 from training.checkpoint import CheckpointError, read_checkpoint_meta, record_calibration, save_checkpoint
 from training.model import ModelConfig, build_model
 
@@ -78,6 +78,22 @@ def test_ece_and_summary_on_cases_worked_by_hand():
     assert expected_calibration_error(probs, labels) == pytest.approx(0.0, abs=1e-9)
 
 
+def test_temperatures_by_shot_count_are_interpolated_in_log_shots():
+    table = {1: 20.0, 5: 10.0, 10: 8.0}
+    assert temperature_for_shots(table, 1) == 20.0 and temperature_for_shots(table, 5) == 10.0
+    assert temperature_for_shots(table, 50) == 8.0  # past the last fit: the nearest
+    x = np.log(2) / np.log(5)
+    assert temperature_for_shots(table, 2) == pytest.approx(20.0 ** (1 - x) * 10.0 ** x)
+    assert 10.0 > temperature_for_shots(table, 7) > 8.0
+    record = {"calibration": {"temperature": 20.0, "temperatures": {"1": 20.0, "5": 10.0, "10": 8.0}}}
+    assert recorded_temperature(record) == 20.0  # no shot count: the record's own temperature
+    assert recorded_temperature(record, 5) == 10.0 and recorded_temperature(record, 0) == 20.0
+    assert recorded_temperature({"calibration": {"temperature": 3.0}}, 5) == 3.0  # fitted at one count only
+    for bad in ({"1": 0.0}, {"0": 2.0}, {"one": 2.0}, [], {}):
+        with pytest.raises(ValueError, match="calibration"):
+            recorded_temperature({"calibration": {"temperature": 2.0, "temperatures": bad}}, 1)
+
+
 def test_the_record_round_trips_and_a_bad_one_is_refused(tmp_path):
     torch.manual_seed(0)
     model = build_model(ModelConfig(backbone="fsar-tiny", pretrained=None, num_frames=4))
@@ -108,7 +124,9 @@ def test_calibration_table_fits_on_val_records_and_keeps_the_ranking(synth_root,
     kwargs = dict(way=3, shot=1, episodes=30, num_workers=0, progress=False, device="cpu")
     result = calibration_table(path, synth_root, record=True, json_path=tmp_path / "cal.json", **kwargs)
     fitted = result["temperature"]
-    assert result["fit"]["split"] == "val" and result["fit"]["nll_after"] <= result["fit"]["nll_before"]
+    before, after = result["fit"]["nll"]["1"]
+    assert result["fit"]["split"] == "val" and after <= before
+    assert list(result["fit"]["temperatures"]) == ["1"]  # 4 clips a class: no 5- or 10-shot episodes
     assert read_checkpoint_meta(path)["calibration"]["temperature"] == fitted
     names = [row["probabilities"] for row in result["rows"]]
     assert names == ["as the model gives them", "fitted on val (now recorded)"]
