@@ -1,8 +1,8 @@
-"""Probability calibration of few-shot answers: one temperature, fitted on held-out episodes.
+"""Probability calibration of few-shot answers: temperatures fitted on held-out episodes.
 
 A few-shot model ranks classes well long before its probabilities mean anything: the training-free
 ``synthetic-tiny`` model says 97% on average for answers that are right 55% of the time at 6-way
-1-shot (docs/learning.md, "Probabilities that mean what they say"). Temperature scaling (Guo et al.,
+1-shot (README, "Probabilities that mean what they say"). Temperature scaling (Guo et al.,
 "On Calibration of Modern Neural Networks", ICML 2017) fixes the scale without changing any ranking:
 the reported probabilities become ``softmax(log p / T)``, with one ``T > 0`` chosen to minimise the
 negative log-likelihood of the right class over episodes of classes the model is not evaluated on.
