@@ -129,6 +129,10 @@ class ValConfig:
     shot: int = 1
     query: int = 5
     seed: int = 1
+    # After training, fit the temperatures of best.pt's few-shot probabilities on the validation split's
+    # episodes (way, query, episodes, seed as above; 1, 5 and 10 shots) and record them in it, so the
+    # served probabilities say how often an answer is right (training.calibration). Episodes mode only.
+    calibrate: bool = True
 
 
 @dataclass

@@ -608,10 +608,15 @@ def _train(cfg: TrainConfig, data: Path, out: Path, resume: bool, device: Option
         log.close()
     if val_set is None and info.is_main and step > start_step:
         _save_model(best_path, model, cfg, step, {"train_loss": last_loss})
+    calibration = None
+    if info.is_main and val_set is not None and cfg.val.calibrate and best_path.is_file() \
+            and validation_mode(cfg) == "episodes":
+        calibration = _calibrate(best_path, data, cfg, info.device)
     summary = {
         "out": str(out), "steps": step, "start_step": start_step, "total_steps": total_steps,
         "last_checkpoint": str(last_path), "best_checkpoint": str(best_path) if best_path.is_file() else None,
         "best_val_accuracy": best_val, "train_loss": last_loss, "train_accuracy": 100 * last_acc,
+        "calibration": calibration,
         "trainable_parameters": model.count_parameters()["trainable"],
         "elapsed_s": round(time.perf_counter() - started, 1), "config": cfg.to_dict(),
     }
@@ -677,6 +682,24 @@ def _validate(model: FsarModel, val_set, cfg: TrainConfig, cache: Dict[str, Any]
     accuracies = episode_accuracies(model, encoded, way=cfg.val.way, shot=cfg.val.shot, query=cfg.val.query,
                                     episodes=cfg.val.episodes, seed=cfg.val.seed, progress=False)
     return mean_ci95(accuracies)
+
+
+def _calibrate(best_path: Path, data: Union[str, Path], cfg: TrainConfig, device: Any) -> Optional[Dict[str, Any]]:
+    """Fit and record the temperatures of ``best.pt``'s few-shot probabilities on the validation split
+    (``val.calibrate``; :func:`training.evaluate.calibrate_checkpoint`). A split too small to fit on is
+    reported and skipped: training has already succeeded."""
+    from training.evaluate import calibrate_checkpoint
+
+    try:
+        record = calibrate_checkpoint(best_path, data, cfg.data.val_split, way=cfg.val.way, query=cfg.val.query,
+                                      episodes=cfg.val.episodes, seed=cfg.val.seed, num_workers=cfg.data.num_workers,
+                                      device=str(device), progress=False)
+    except ValueError as err:
+        logger.warning("best.pt's probabilities were not calibrated (%s); set val.calibrate=false to skip this", err)
+        return None
+    logger.info("calibrated best.pt's probabilities on %r: temperature %s", cfg.data.val_split,
+                ", ".join(f"{t:.3g} at {s} shot{'s' * (s != '1')}" for s, t in record["temperatures"].items()))
+    return record
 
 
 def _save_model(path: Path, model: FsarModel, cfg: TrainConfig, step: int, metrics: Dict[str, Any]) -> str:

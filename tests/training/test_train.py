@@ -41,6 +41,10 @@ def test_episodic_training_writes_checkpoints_metrics_and_resumes(synth_root, tm
     assert [int(r["step"]) for r in val_rows] == [2, 3]
     assert first["best_val_accuracy"] == pytest.approx(max(float(r["val_acc"]) for r in val_rows), rel=1e-5)  # csv: 6 digits
     assert read_checkpoint_meta(out / "last.pt")["step"] == 3
+    # best.pt's probabilities are calibrated on the val split (4 clips a class: only 1-shot episodes fit).
+    calibration = read_checkpoint_meta(out / "best.pt")["calibration"]
+    assert calibration == first["calibration"] and list(calibration["temperatures"]) == ["1"]
+    assert calibration["split"] == "val" and calibration["way"] == 5 and calibration["episodes"] == 10
     trained, _ = load_checkpoint(out / "last.pt")
     torch.manual_seed(0)
     untrained = build_model(trained.config)
@@ -55,9 +59,10 @@ def test_episodic_training_writes_checkpoints_metrics_and_resumes(synth_root, tm
     with pytest.raises(TrainingError, match="different config"):
         train("synthetic-tiny", synth_root, out, max_steps=6, overrides=[*FAST, "optim.lr=0.5"], device="cpu",
               progress=False)
-    fresh = train("synthetic-tiny", synth_root, out, max_steps=1, overrides=FAST, resume=False, device="cpu",
-                  progress=False)
+    fresh = train("synthetic-tiny", synth_root, out, max_steps=1, overrides=[*FAST, "val.calibrate=false"],
+                  resume=False, device="cpu", progress=False)
     assert fresh["start_step"] == 0 and fresh["steps"] == 1
+    assert fresh["calibration"] is None and "calibration" not in read_checkpoint_meta(out / "best.pt")
 
 
 def test_episodic_objective_learns_an_episode(synth_root):
