@@ -219,7 +219,8 @@ class ModelCard(BaseModel):
     demo: bool = False
     description: str = Field(description="One line for humans; says 'demo model' in demo mode.")
     calibration: dict[str, Any] | None = Field(
-        None, description="The temperature T of the few-shot probabilities and how it was fitted (`fsar eval "
-                          "--calibrate --record`): answers report softmax(log p / T). null: T = 1, the "
-                          "probabilities as the model gives them.")
+        None, description="The temperatures T of the few-shot probabilities (`temperatures`: one per shot count "
+                          "they were fitted at) and how they were fitted (`fsar train` at its end, or `fsar eval "
+                          "--calibrate --record`): answers report softmax(log p / T), T for the support set's "
+                          "smallest class. null: T = 1, the probabilities as the model gives them.")
     store: dict[str, Any]
