@@ -752,7 +752,7 @@ def calibration_table(checkpoint: Union[str, Path], data: Union[str, Path], spli
         ``{"rows": [...], "table": markdown, "temperature", "fit": {...}, "recorded_before", "way", "shot",
         "query", "episodes", "seed", "split", "checkpoint", "checkpoint_hash"}``; also written to ``json_path``.
     """
-    from training.calibration import recorded_temperature, temper
+    from training.calibration import _log_softmax, recorded_temperature, temper
     from training.checkpoint import read_checkpoint_meta, record_calibration
 
     model, info = load_for_eval(checkpoint, None, device)
@@ -768,8 +768,7 @@ def calibration_table(checkpoint: Union[str, Path], data: Union[str, Path], spli
                                  query=query, episodes=episodes, seed=seed, use_text=use_text,
                                  progress=progress)  # [E, N*Q, N]
     labels = np.broadcast_to(np.repeat(np.arange(way), query), test_logits.shape[:2])
-    shifted = np.exp(test_logits - test_logits.max(axis=-1, keepdims=True))
-    probs = shifted / shifted.sum(axis=-1, keepdims=True)  # [E, M, N] as the model gives them
+    probs = np.exp(_log_softmax(test_logits))  # [E, M, N] as the model gives them
 
     candidates = [("as the model gives them", 1.0)]
     if before != 1.0:

@@ -151,12 +151,16 @@ class Manifest:
         self.revision += 1
         self.updated_at = now()
 
-    def fewest_shots(self) -> int:
-        """Clips of the class with the fewest (0 for a set without videos)."""
+    def shots(self) -> dict[str, int]:
+        """Clips of each class."""
         shots: dict[str, int] = {}
         for video in self.videos:
             shots[video.label] = shots.get(video.label, 0) + 1
-        return min(shots.values(), default=0)
+        return shots
+
+    def fewest_shots(self) -> int:
+        """Clips of the class with the fewest (0 for a set without videos)."""
+        return min(self.shots().values(), default=0)
 
     def remaining_ttl(self) -> float | None:
         """Seconds until the set expires (<= 0: it has), None if it never does."""
@@ -164,9 +168,7 @@ class Manifest:
 
     def describe(self, model_ref: dict[str, Any], model_metric: str) -> dict[str, Any]:
         """The public view of the set (the `SupportSet` response body)."""
-        shots: dict[str, int] = {}
-        for video in self.videos:
-            shots[video.label] = shots.get(video.label, 0) + 1
+        shots = self.shots()
         return {
             "id": self.id,
             "name": self.name,
